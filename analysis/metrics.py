@@ -1,0 +1,110 @@
+"""The one metrics processor: raw step measurements in, one flat dict of named metrics out to every sink.
+
+Keys (the report, the wandb dashboard and the tests read these names):
+    train/loss  train/lr  train/grad_norm
+    perf/step_s  perf/tokens_per_s  perf/tokens_per_s_per_device
+    perf/tflops/<conv>  perf/mfu/<conv>      <conv> in analysis.flops.CONVENTIONS; TFLOPS are per device,
+                                             MFU a fraction of the device peak (null when the peak is unknown)
+    mem/peak_bytes                           CUDA max allocated on GPU, peak RSS of the process on CPU
+Anything else a component measures (comm/..., fault/...) arrives in ``extra`` and is passed through.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from analysis.flops import CONVENTIONS, DEFAULT_CONVENTION
+from analysis.peaks import BAICHUAN_7B
+
+
+class Sink(Protocol):
+    def log(self, metrics: dict[str, Any]) -> None: ...
+    def close(self, summary: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class MetricsProcessor:
+    flops_per_token: dict[str, float]  # per convention, from analysis.flops.flops_per_token
+    peak_flops: float | None  # per device FLOP/s; None = unknown
+    tokens_per_step: int  # global: world x micro-batch x accumulation x seq_len
+    world_size: int
+    sinks: list[Sink] = field(default_factory=list)
+    warmup_steps: int = 3  # steps left out of the steady-state summary (allocator, caches, DDP buckets)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def step(self, step: int, *, loss: float, lr: float, grad_norm: float, step_s: float,
+             mem_peak_bytes: int | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        tokens_per_s = self.tokens_per_step / step_s
+        per_device = tokens_per_s / self.world_size
+        m: dict[str, Any] = {"step": step, "time": time.time(), "train/loss": loss, "train/lr": lr,
+                             "train/grad_norm": grad_norm, "perf/step_s": step_s,
+                             "perf/tokens_per_s": tokens_per_s, "perf/tokens_per_s_per_device": per_device}
+        for conv in CONVENTIONS:
+            achieved = per_device * self.flops_per_token[conv]  # FLOP/s per device
+            m[f"perf/tflops/{conv}"] = achieved / 1e12
+            m[f"perf/mfu/{conv}"] = achieved / self.peak_flops if self.peak_flops else None
+        m["mem/peak_bytes"] = mem_peak_bytes
+        m.update(extra or {})
+        self.history.append(m)
+        for sink in self.sinks:
+            sink.log(m)
+        return m
+
+    def summary(self, environment: dict[str, Any]) -> dict[str, Any]:
+        steady = self.history[self.warmup_steps:] or self.history
+        keys = ["perf/step_s", "perf/tokens_per_s", "perf/tokens_per_s_per_device"]
+        keys += [f"perf/{k}/{c}" for k in ("tflops", "mfu") for c in CONVENTIONS]
+        med = {k: _median([m[k] for m in steady]) for k in keys}
+        return {
+            "steps": len(self.history),
+            "steady_state_steps": len(steady),
+            "steady_state": "median over steps after the first %d" % min(self.warmup_steps, len(self.history)),
+            "loss": {"first": self.history[0]["train/loss"] if self.history else None,
+                     "last": self.history[-1]["train/loss"] if self.history else None},
+            "median": med,
+            "mem/peak_bytes": max((m["mem/peak_bytes"] or 0 for m in self.history), default=None),
+            "flops_per_token": self.flops_per_token,
+            "environment": environment,
+            "vs_baichuan_7b": compare_to_baichuan(med, environment),
+        }
+
+    def close(self, summary: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.close(summary)
+
+
+def _median(values: list[Any]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def compare_to_baichuan(median: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
+    """Set this run's figures beside Baichuan-7B's 182 TFLOPS / 58.3% and say what the comparison means."""
+    conv = DEFAULT_CONVENTION
+    tflops, mfu = median.get(f"perf/tflops/{conv}"), median.get(f"perf/mfu/{conv}")
+    device = environment.get("device_name", "this device")
+    if environment.get("device_type") == "cpu":
+        meaning = (f"This run is on a CPU ({device}), so TFLOPS are not comparable with an A800's: the CPU's "
+                   f"measured {environment.get('dtype')} GEMM peak is {environment.get('peak_tflops') or 0:.3f} "
+                   "TFLOPS against the A800's 312 bf16. MFU is the comparable figure, with a caveat: on a CPU "
+                   "the peak is a measured large-GEMM rate, not a datasheet number, so CPU MFU reads higher "
+                   "than a GPU's would for the same efficiency. Compare techniques by ratios within one "
+                   "machine; use the cluster predictor for what a configuration reaches on A800s.")
+    elif mfu is None:
+        meaning = (f"The peak of {device} is unknown, so MFU is null; TFLOPS are per device under the "
+                   f"{conv} convention.")
+    else:
+        meaning = (f"Both figures are per device under the {conv} convention (Baichuan did not publish its "
+                   "convention; PaLM's is the common one). Baichuan-7B's were measured on ~1000 A800s with "
+                   f"ZeRO-2; this run used {environment.get('world_size')} device(s) of {device}.")
+    return {
+        "reference": {**BAICHUAN_7B, "convention_assumed": conv},
+        "convention": conv,
+        "achieved_tflops_per_device": tflops,
+        "achieved_mfu": mfu,
+        "tflops_ratio_to_182": None if tflops is None else tflops / BAICHUAN_7B["tflops_per_gpu"],
+        "mfu_ratio_to_58_3": None if mfu is None else mfu / BAICHUAN_7B["mfu"],
+        "meaning": meaning,
+    }

@@ -1,0 +1,97 @@
+"""Where metrics go. Sinks only receive dicts from analysis.metrics.MetricsProcessor; they compute nothing."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _jsonable(v: Any) -> Any:
+    # NaN/Inf are not JSON: a diverged loss must still land in metrics.jsonl, as null plus a flag.
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class JsonlSink:
+    """One JSON object per step, flushed at once so a crash loses at most the step in flight."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._f = self.path.open("a", encoding="utf-8")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        row = {k: _jsonable(v) for k, v in metrics.items()}
+        bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            row["nonfinite"] = bad
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self, summary: dict[str, Any]) -> None:
+        self._f.close()
+
+
+class ConsoleSink:
+    """A line every ``every`` steps (and the last), written through ``write`` (tqdm.write keeps the bar intact)."""
+
+    def __init__(self, every: int, total_steps: int, write: Callable[[str], None] = print):
+        self.every, self.total, self.write = max(1, every), total_steps, write
+
+    def log(self, m: dict[str, Any]) -> None:
+        step = m["step"]
+        if step % self.every and step != self.total and step != 1:
+            return
+        mfu = m.get("perf/mfu/palm")
+        mfu_s = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+        self.write(f"step {step:>5} | loss {m['train/loss']:.4f} | lr {m['train/lr']:.2e} | "
+                   f"gnorm {m['train/grad_norm']:.2f} | {m['perf/step_s'] * 1e3:.0f} ms | "
+                   f"{m['perf/tokens_per_s']:,.0f} tok/s | {m['perf/tflops/palm']:.3f} TFLOPS | MFU {mfu_s}")
+
+    def close(self, summary: dict[str, Any]) -> None:
+        pass
+
+
+class WandbSink:
+    """wandb run (offline by default). Config, group and tags are logged at init; the summary at close."""
+
+    def __init__(self, *, mode: str, project: str, run_dir: str | Path, config: dict[str, Any],
+                 group: str | None = None, tags: list[str] | None = None, name: str | None = None):
+        import wandb  # imported here: a null sink must not pay for wandb's import
+
+        self._wandb = wandb
+        self.run = wandb.init(mode=mode, project=project, dir=str(run_dir), config=config, group=group,
+                              tags=tags or None, name=name, settings=wandb.Settings(console="off", quiet=True))
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        row = {k: v for k, v in metrics.items() if v is not None and k not in ("step", "time")}
+        self.run.log(row, step=metrics["step"])
+
+    @property
+    def location(self) -> str:
+        return self.run.dir
+
+    def close(self, summary: dict[str, Any]) -> None:
+        for k, v in _flatten(summary).items():
+            self.run.summary[k] = v
+        self.run.finish()
+
+
+class NullSink:
+    def log(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def close(self, summary: dict[str, Any]) -> None:
+        pass
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+    return out

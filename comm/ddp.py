@@ -1,0 +1,72 @@
+"""The DDP engine: the training loop's one interface to gradient synchronisation and the optimizer step.
+
+One process: the plain module. Several: ``torch.nn.parallel.DistributedDataParallel`` with gradient
+accumulation under ``no_sync`` (only the last micro-batch all-reduces). Other engines (FSDP2, DeepSpeed,
+megatron-core) implement the same three calls: ``forward_backward``, ``step``, ``module``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+@dataclass(kw_only=True)
+class DDPConfig:
+    bucket_cap_mb: float = 25.0  # gradient bucket size (torch's default 25 MB)
+    gradient_as_bucket_view: bool = True  # grads alias the buckets: one copy fewer
+    static_graph: bool = False  # the graph is the same every step (lets DDP skip unused-parameter search)
+
+    def build(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, grad_clip: float,
+              device: torch.device) -> "DDPEngine":
+        return DDPEngine(model, optimizer, scheduler, cfg=self, grad_clip=grad_clip, device=device)
+
+
+class DDPEngine:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, cfg: DDPConfig,
+                 grad_clip: float, device: torch.device):
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.raw = model
+        self.model = model
+        if self.distributed:
+            self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                             bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph,
+                             gradient_as_bucket_view=cfg.gradient_as_bucket_view)
+        self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped model (for checkpoints and parameter inspection)."""
+        return self.raw
+
+    def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
+                         forward_context: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+        """Accumulate gradients over ``n_micro`` micro-batches; returns the mean loss over all ranks (detached)."""
+        total = torch.zeros((), device=next(self.raw.parameters()).device)
+        for i, (x, y) in enumerate(micro_batches):
+            last = i == n_micro - 1
+            sync = contextlib.nullcontext() if last or not self.distributed else self.model.no_sync()
+            with sync:
+                with forward_context():
+                    loss = self.model(x, y) / n_micro
+                loss.backward()
+            total += loss.detach()
+        if self.distributed:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            total /= dist.get_world_size()
+        return total
+
+    def step(self) -> dict[str, float]:
+        """Clip, step the optimizer and schedule; returns the pre-clip global grad norm and the lr used."""
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": grad_norm.item(), "lr": lr}

@@ -1,0 +1,45 @@
+"""Typed configs: each YAML node is checked against its component's dataclass before anything is built.
+
+A node with ``_target_`` names its dataclass (``_target_: systems.precision.Precision``); otherwise the caller
+says which. OmegaConf's structured merge rejects unknown keys and values of the wrong type, and the error is
+re-raised as one sentence that names the config key, so ``model.n_layers=abc`` fails before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """Bad user input found while setting a run up; the entry point prints it as one line."""
+
+
+def typed(node: DictConfig, key: str, cls: type[T] | None = None) -> T:
+    """Validate ``node`` (found at config key ``key``) against a dataclass and return an instance of it."""
+    raw = OmegaConf.to_container(node, resolve=True)
+    target = raw.pop("_target_", None)
+    try:
+        cls = cls or get_class(target)
+    except Exception as e:  # hydra raises a bare ImportError/ValueError chain
+        raise ConfigError(f"{key}._target_={target!r} cannot be imported ({e}); fix the YAML") from None
+    if not dataclasses.is_dataclass(cls):
+        raise ConfigError(f"{key}._target_={target!r} is not a config dataclass")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), raw)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        field = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad value for {key}.{field}: {msg}") from None
+    except (ValueError, TypeError) as e:  # raised by the dataclass's own __post_init__ checks
+        raise ConfigError(str(e)) from None
+
+
+def plain(node: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)

@@ -1,0 +1,83 @@
+"""Process-group start-up and the run directory every rank agrees on.
+
+torchrun (or the DeepSpeed launcher, or Slurm through srun) starts the processes; Hydra runs inside each.
+Each rank would resolve ``${now:...}`` on its own and could pick a different run directory (a known Hydra
+pitfall), so before Hydra starts, rank 0's timestamp is broadcast over the process group and put in
+CHUANLIU_RUN_STAMP, which the ``chuanliu_stamp`` resolver in conf/config.yaml reads.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+STAMP_ENV = "CHUANLIU_RUN_STAMP"
+TIMEOUT_ENV = "CHUANLIU_PG_TIMEOUT_S"  # process-group timeout; tests set it short
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", 1))
+    return DistInfo(rank=int(env.get("RANK", 0)), local_rank=int(env.get("LOCAL_RANK", 0)), world_size=world,
+                    local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)))
+
+
+def init_distributed() -> DistInfo:
+    """Join the launcher's process group (env://) when WORLD_SIZE > 1, and share rank 0's run stamp."""
+    info = dist_info()
+    if info.world_size > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 600)))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(info.local_rank)
+            backend = "cpu:gloo,cuda:nccl"  # NCCL for GPU tensors, gloo for CPU-side objects
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend=backend, timeout=timeout)
+        if STAMP_ENV not in os.environ:
+            stamp = [_now_stamp()]
+            dist.broadcast_object_list(stamp, src=0)
+            os.environ[STAMP_ENV] = stamp[0]
+    return info
+
+
+def _now_stamp() -> str:
+    return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _run_stamp() -> str:
+    return os.environ.get(STAMP_ENV) or _now_stamp()
+
+
+def _rank0_only(value: str) -> str | None:
+    """``value`` on rank 0, None elsewhere: only rank 0 writes Hydra's .hydra/ files."""
+    return value if dist_info().is_main else None
+
+
+def _rank_suffix() -> str:
+    rank = dist_info().rank
+    return "" if rank == 0 else f"_rank{rank}"
+
+
+def register_resolvers() -> None:
+    for name, fn in {"chuanliu_stamp": _run_stamp, "chuanliu_rank0": _rank0_only,
+                     "chuanliu_rank_suffix": _rank_suffix}.items():
+        OmegaConf.register_new_resolver(name, fn, replace=True)
+
+
+register_resolvers()

@@ -1,0 +1,31 @@
+"""Train a Baichuan-architecture model and measure tokens/s, TFLOPS and MFU.
+
+    python -m experiments.train                                   # tiny model, built-in corpus, CPU or GPU
+    python -m experiments.train model=small train.steps=100
+    torchrun --standalone --nproc_per_node=2 -m experiments.train  # DDP, gloo on CPU / NCCL on GPU
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from experiments.dist import init_distributed
+from experiments.trainer import run_training
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_training(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    init_distributed()  # before Hydra, so every rank resolves the same run directory
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,270 @@
+"""A training run: ``build_run`` turns the config into components, ``train_loop`` steps them.
+
+Build order (each step gets only the sub-config it needs):
+    dist info -> device/threads -> precision -> data + tokenizer -> model -> optimizer/schedule -> engine
+    -> peak FLOPS + FLOPs per token -> metrics processor + sinks (rank 0)
+The loop never branches on config strings: every choice was made while building.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from analysis.flops import flops_per_token, matmul_params, total_params
+from analysis.metrics import MetricsProcessor
+from analysis.peaks import Peak, calibrate_cpu_peak, gpu_peak
+from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
+from comm.ddp import DDPConfig
+from experiments.config import ConfigError, plain, typed
+from experiments.dist import DistInfo, dist_info
+from systems.data import DataConfig, build_data, resolve_cache_dir
+from systems.memory import peak_memory_fn, total_memory_bytes
+from systems.model import ModelConfig, build_model, count_parameters
+from systems.optim import OptimConfig, build_optimizer, build_scheduler
+from systems.precision import Precision
+
+log = logging.getLogger("chuanliu")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 40  # optimizer steps
+    seq_len: int = 128  # tokens per sample (each sample holds seq_len + 1 tokens: inputs and shifted targets)
+    micro_batch_size: int = 8  # samples per forward/backward on each rank
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    seed: int = 1337  # model init and everything random; identical on every rank
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu or cuda
+    log_every: int = 5  # console line every N steps (metrics.jsonl gets every step)
+    summary_warmup_steps: int = 3  # first steps left out of summary.json's steady-state medians
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "micro_batch_size", "grad_accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device={self.device!r} is unknown; use auto, cpu or cuda")
+
+
+@dataclass(kw_only=True)
+class HardwareConfig:
+    peak_tflops: float | None = None  # override the per-device dense peak (TFLOPS, run's dtype) used for MFU
+    recalibrate: bool = False  # CPU: measure the GEMM peak again instead of using the cached figure
+    cache_dir: str = "~/.cache/chuanliu"  # where the CPU peak calibration is cached ($CHUANLIU_CACHE wins)
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    wandb_mode: str = "offline"  # offline (default: no network, sync later), online or disabled
+    project: str = "chuanliu"  # wandb project
+    group: str | None = None  # wandb group (runs of one sweep share one)
+    tags: list[str] = field(default_factory=list)  # wandb tags
+    progress_bar: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logging.wandb_mode={self.wandb_mode!r} is unknown; use offline, online or disabled")
+
+
+@dataclass
+class Run:
+    train: TrainConfig
+    info: DistInfo
+    device: torch.device
+    precision: Precision
+    engine: Any
+    next_batch: Callable[[], torch.Tensor]
+    metrics: MetricsProcessor
+    environment: dict[str, Any]
+    run_dir: Path
+    sync: Callable[[], None]
+    peak_memory: Callable[[], int]
+    show_progress: bool
+
+
+def pick_device(train: TrainConfig, info: DistInfo) -> torch.device:
+    if train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu (or auto)")
+    if train.device in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", info.local_rank)
+    # Several ranks on one CPU split its cores, unless the user (or torchrun) set OMP_NUM_THREADS.
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_fits(model_cfg: ModelConfig, device: torch.device) -> None:
+    """Refuse a model whose fp32 weights, grads and AdamW state alone exceed the device's memory."""
+    n = total_params(n_layers=model_cfg.n_layers, dim=model_cfg.dim, ffn_dim=model_cfg.ffn_dim,
+                     vocab_size=model_cfg.vocab_size)
+    need, have = 16 * n, total_memory_bytes(device)  # 4 B weight + 4 B grad + 8 B Adam moments
+    if need > have:
+        raise ConfigError(f"model {model_cfg.name} ({n / 1e9:.2f}B parameters) needs {need / 2**30:.0f} GiB for "
+                          f"fp32 weights, gradients and AdamW state, more than this {device.type}'s "
+                          f"{have / 2**30:.0f} GiB; pick a smaller model (model=tiny or model=small)")
+
+
+def measure_peak(hw: HardwareConfig, device: torch.device, dtype: str, info: DistInfo) -> Peak:
+    if hw.peak_tflops is not None:
+        return Peak(hw.peak_tflops * 1e12, _device_name(device), dtype, "override",
+                    "hardware.peak_tflops set by the user")
+    if device.type == "cuda":
+        return gpu_peak(torch.cuda.get_device_name(device), dtype)
+    # Rank 0 measures alone (others would compete for the cores); the rest then read its cached figure.
+    peak = calibrate_cpu_peak(dtype, resolve_cache_dir(hw.cache_dir), refresh=hw.recalibrate) if info.is_main else None
+    if info.world_size > 1:
+        dist.barrier()
+    return peak or calibrate_cpu_peak(dtype, resolve_cache_dir(hw.cache_dir))
+
+
+def _device_name(device: torch.device) -> str:
+    from analysis.peaks import cpu_name
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def build_sinks(log_cfg: LoggingConfig, train: TrainConfig, run_dir: Path, cfg: DictConfig) -> list:
+    sinks = [ConsoleSink(train.log_every, train.steps, write=tqdm.write), JsonlSink(run_dir / "metrics.jsonl")]
+    if log_cfg.wandb_mode == "disabled":
+        return sinks + [NullSink()]
+    try:
+        sinks.append(WandbSink(mode=log_cfg.wandb_mode, project=log_cfg.project, run_dir=run_dir,
+                               config=plain(cfg), group=log_cfg.group, tags=list(log_cfg.tags),
+                               name=run_dir.name))
+    except Exception as e:  # wandb's own errors (no API key, no network) are many types
+        raise ConfigError(f"wandb could not start in mode {log_cfg.wandb_mode!r} ({e}); use "
+                          "logging.wandb_mode=offline (sync later with `wandb sync`) or disabled") from None
+    return sinks
+
+
+def build_run(cfg: DictConfig, run_dir: Path) -> Run:
+    info = dist_info()
+    train = typed(cfg.train, "train", TrainConfig)
+    model_cfg = typed(cfg.model, "model", ModelConfig)
+    data_cfg = typed(cfg.data, "data", DataConfig)
+    precision: Precision = typed(cfg.precision, "precision")
+    hw = typed(cfg.hardware, "hardware", HardwareConfig)
+    log_cfg = typed(cfg.logging, "logging", LoggingConfig)
+    optim_cfg = typed(cfg.optim, "optim", OptimConfig)
+    engine_cfg: DDPConfig = typed(cfg.engine, "engine")
+    if train.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
+                          "lower train.seq_len or raise model.max_seq_len")
+
+    device = pick_device(train, info)
+    check_fits(model_cfg, device)
+    precision.setup(device.type)
+    seed_everything(train.seed)
+    tokenizer, loader = build_data(data_cfg, seq_len=train.seq_len, micro_batch_size=train.micro_batch_size,
+                                   rank=info.rank, world_size=info.world_size)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size="
+                          f"{model_cfg.vocab_size}; raise model.vocab_size or lower data.vocab_size")
+
+    model = build_model(model_cfg, device)
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg, train.steps)
+    engine = engine_cfg.build(model, optimizer, scheduler, grad_clip=optim_cfg.grad_clip, device=device)
+
+    dtype = precision.peak_dtype(device.type)
+    peak = measure_peak(hw, device, dtype, info)
+    fpt = flops_per_token(n_layers=model_cfg.n_layers, dim=model_cfg.dim, ffn_dim=model_cfg.ffn_dim,
+                          vocab_size=model_cfg.vocab_size, seq_len=train.seq_len)
+    tokens_per_step = info.world_size * train.micro_batch_size * train.grad_accum_steps * train.seq_len
+    environment = {
+        "device_type": device.type, "device_name": _device_name(device), "dtype": dtype,
+        "peak_tflops": None if peak.flops is None else peak.flops / 1e12, "peak_source": peak.source,
+        "peak_method": peak.method, "world_size": info.world_size, "threads_per_rank": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(), "hostname": socket.gethostname(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": model_cfg.name,
+        "parameters": count_parameters(model),
+        "matmul_parameters": matmul_params(n_layers=model_cfg.n_layers, dim=model_cfg.dim,
+                                           ffn_dim=model_cfg.ffn_dim, vocab_size=model_cfg.vocab_size),
+        "tokenizer_vocab": tokenizer.vocab_size, "seq_len": train.seq_len, "tokens_per_step": tokens_per_step,
+        "micro_batch_size": train.micro_batch_size, "grad_accum_steps": train.grad_accum_steps,
+    }
+    sinks = []
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(run_dir / "tokenizer.model")
+        sinks = build_sinks(log_cfg, train, run_dir, cfg)
+        log.info("peak for MFU: %s", peak.method)
+        log.info("model %s: %s parameters, %.3f GFLOP/token (palm); %d ranks x %d threads on %s",
+                 model_cfg.name, f"{environment['parameters']:,}", fpt["palm"] / 1e9, info.world_size,
+                 torch.get_num_threads(), environment["device_name"])
+    metrics = MetricsProcessor(flops_per_token=fpt, peak_flops=peak.flops, tokens_per_step=tokens_per_step,
+                               world_size=info.world_size, sinks=sinks, warmup_steps=train.summary_warmup_steps)
+
+    def next_batch() -> torch.Tensor:
+        return loader.next_batch().to(device, non_blocking=True)
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return Run(train=train, info=info, device=device, precision=precision, engine=engine, next_batch=next_batch,
+               metrics=metrics, environment=environment, run_dir=run_dir, sync=sync,
+               peak_memory=peak_memory_fn(device), show_progress=info.is_main and log_cfg.progress_bar)
+
+
+def micro_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for _ in range(run.train.grad_accum_steps):
+        batch = run.next_batch()  # (B, T + 1)
+        yield batch[:, :-1], batch[:, 1:]
+
+
+def train_loop(run: Run) -> dict[str, Any]:
+    autocast = lambda: run.precision.autocast(run.device.type)  # noqa: E731
+    # disable=None: tqdm shows the bar only on a terminal, so CI logs get the periodic lines alone.
+    bar = tqdm(range(1, run.train.steps + 1), disable=None if run.show_progress else True, desc="train", unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+    for step in bar:
+        t0 = time.perf_counter()
+        loss = run.engine.forward_backward(micro_batches(run), run.train.grad_accum_steps, autocast)
+        stats = run.engine.step()
+        loss_value = loss.item()
+        run.sync()
+        step_s = time.perf_counter() - t0
+        run.metrics.step(step, loss=loss_value, lr=stats["lr"], grad_norm=stats["grad_norm"], step_s=step_s,
+                         mem_peak_bytes=run.peak_memory())
+        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+    bar.close()
+    summary = run.metrics.summary(run.environment)
+    if run.info.is_main:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    run.metrics.close(summary)
+    return summary
+
+
+def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Build and train; bad input found while building ends the process with one line on stderr."""
+    try:
+        run = build_run(cfg, run_dir)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"chuanliu: error: {e}") from None
+    summary = train_loop(run)
+    if run.info.is_main:
+        v = summary["vs_baichuan_7b"]
+        mfu = v["achieved_mfu"]
+        log.info("done: %s tok/s/device, %.4f TFLOPS/device (palm), MFU %s vs Baichuan-7B 182 TFLOPS / 58.3%%. "
+                 "Run dir: %s", f"{summary['median']['perf/tokens_per_s_per_device']:,.0f}",
+                 v["achieved_tflops_per_device"], "n/a" if mfu is None else f"{100 * mfu:.1f}%", run.run_dir)
+    return summary
+
+
