@@ -7,6 +7,7 @@ megatron-core) implement the same three calls: ``forward_backward``, ``step``, `
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -70,3 +71,22 @@ class DDPEngine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": grad_norm.item(), "lr": lr}
+
+
+def parameter_digest(module: nn.Module) -> str:
+    """sha256 over every parameter's bytes, in name order: equal digests mean bit-identical replicas."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def replica_digests(module: nn.Module) -> list[str]:
+    """Every rank's parameter digest (one entry when not distributed). DDP replicas must all agree."""
+    digest = parameter_digest(module)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [digest]
+    out: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(out, digest)
+    return out

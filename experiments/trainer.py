@@ -28,7 +28,7 @@ from analysis.flops import flops_per_token, matmul_params, total_params
 from analysis.metrics import MetricsProcessor
 from analysis.peaks import Peak, calibrate_cpu_peak, gpu_peak
 from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
-from comm.ddp import DDPConfig
+from comm.ddp import DDPConfig, replica_digests
 from experiments.config import ConfigError, plain, typed
 from experiments.dist import DistInfo, dist_info
 from systems.data import DataConfig, build_data, resolve_cache_dir
@@ -246,14 +246,28 @@ def train_loop(run: Run) -> dict[str, Any]:
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     bar.close()
     summary = run.metrics.summary(run.environment)
+    digests = replica_digests(run.engine.module)
+    summary["replicas"] = {"parameter_sha256": digests, "identical": len(set(digests)) == 1}
+    if not summary["replicas"]["identical"]:
+        log.error("model replicas differ across ranks at the end of training: %s", digests)
     if run.info.is_main:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     run.metrics.close(summary)
     return summary
 
 
+def quiet_other_ranks(info: DistInfo) -> None:
+    """Ranks other than 0 log warnings only on the console (their log files keep everything)."""
+    if info.is_main:
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
 def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Build and train; bad input found while building ends the process with one line on stderr."""
+    quiet_other_ranks(dist_info())
     try:
         run = build_run(cfg, run_dir)
     except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -1,0 +1,21 @@
+# The README's two commands. Each sets up .venv on first use (scripts/setup.sh: the CPU build
+# torch==2.13.0 where there is no GPU), then runs.
+PY := .venv/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: train test bench clean
+train:  ## set up, then train the tiny model on the built-in corpus (pass Hydra overrides in ARGS="...")
+	@scripts/setup.sh
+	$(PY) -m experiments.train $(ARGS)
+
+test:  ## set up with test dependencies, then run the whole suite
+	@scripts/setup.sh test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench:  ## step time, tokens/s and MFU of tiny and small (writes docs/benchmarks/*.json)
+	@scripts/setup.sh
+	$(PY) -m experiments.bench_models
+
+clean:
+	rm -rf runs multirun outputs .pytest_cache

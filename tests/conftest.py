@@ -1,0 +1,22 @@
+"""Shared test set-up: caches, wandb and run directories go to temporary folders, never to ~ or the repo."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("env")
+    saved = dict(os.environ)
+    os.environ.update({
+        "CHUANLIU_CACHE": str(root / "cache"),  # built-in corpus, tokenizers, CPU peak: built once per session
+        "WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb"), "WANDB_CONFIG_DIR": str(root / "wandb_cfg"),
+        "WANDB_CACHE_DIR": str(root / "wandb_cache"), "WANDB_SILENT": "true",
+        "CHUANLIU_PG_TIMEOUT_S": "60",  # a failed collective must not hang a test for 10 minutes
+        "TMPDIR": str(root / "tmp"),
+    })
+    (root / "tmp").mkdir()
+    yield root
+    os.environ.clear()
+    os.environ.update(saved)

@@ -1,0 +1,66 @@
+"""Analytic FLOPs against torch's FlopCounterMode and against the published Baichuan-7B figures.
+
+What each side counts: FlopCounterMode counts the FLOPs of matmul ops it sees dispatched (mm, addmm, bmm, and the
+CUDA SDPA kernels), 2 per multiply-add, forward and backward. The analytic formulas count the same matmuls (linear
+layers incl. the LM head: 6N; attention scores and weighted sum over the full T x T matrix: 12 L h T per token).
+Neither counts norms, softmax, rotary, SiLU, the loss or the embedding lookup/scatter. On CPU the fused SDPA kernel
+(_scaled_dot_product_flash_attention_for_cpu) is invisible to FlopCounterMode, so the comparison uses eager attention,
+whose QK^T and AV are plain bmm calls.
+"""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from analysis.flops import Recompute, flops_per_token, matmul_params
+from systems.model import ModelConfig, build_model
+
+SHAPE = dict(n_layers=2, dim=128, n_heads=4, ffn_dim=344, vocab_size=1000)
+B, T = 2, 64
+
+
+def _counted(attention: str) -> FlopCounterMode:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SHAPE, max_seq_len=T, attention=attention))
+    idx = torch.randint(0, SHAPE["vocab_size"], (B, T))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx).backward()
+    return counter
+
+
+def _analytic() -> dict[str, float]:
+    shape = {k: v for k, v in SHAPE.items() if k != "n_heads"}
+    return {k: v * B * T for k, v in flops_per_token(**shape, seq_len=T).items()}
+
+
+def test_palm_convention_agrees_with_flop_counter_within_2_percent():
+    counted = _counted("eager").get_total_flops()
+    assert counted == pytest.approx(_analytic()["palm"], rel=0.02)
+
+
+def test_6n_is_the_linear_layers_alone():
+    counts = _counted("eager").get_flop_counts()["Global"]
+    linear = counts[torch.ops.aten.mm]  # every nn.Linear forward and backward
+    assert linear == pytest.approx(_analytic()["6n"], rel=0.02)
+    attention = counts[torch.ops.aten.bmm]  # QK^T and AV, forward and backward
+    assert attention == pytest.approx(_analytic()["palm"] - _analytic()["6n"], rel=0.02)
+
+
+def test_baichuan_7b_published_figures():
+    f = flops_per_token(n_layers=32, dim=4096, ffn_dim=11008, vocab_size=64000, seq_len=4096)
+    assert f["palm"] / 1e9 == pytest.approx(46.9, abs=0.05)
+    assert 182e12 / f["palm"] == pytest.approx(3880, rel=0.002)  # tokens/s/GPU behind 182 TFLOPS
+    assert f["6n"] < f["causal"] < f["palm"] == f["hfu"]  # no recomputation: hardware = model FLOPs
+    # N excludes the input embedding (a lookup) and norms; it includes the LM head (a matmul).
+    assert matmul_params(n_layers=32, dim=4096, ffn_dim=11008, vocab_size=64000) == 6_738_149_376
+
+
+def test_hfu_counts_recomputed_forward_work():
+    shape = dict(n_layers=4, dim=256, ffn_dim=688, vocab_size=5000, seq_len=512)
+    base = flops_per_token(**shape)
+    attn_fwd = 4 * 4 * 256 * 512
+    layer_params = 4 * (4 * 256**2 + 3 * 256 * 688)
+    assert flops_per_token(**shape, recompute=Recompute(attention_core=True))["hfu"] == base["palm"] + attn_fwd
+    assert flops_per_token(**shape, recompute=Recompute(mlp=True))["hfu"] == base["palm"] + 2 * 4 * 3 * 256 * 688
+    full = flops_per_token(**shape, recompute=Recompute(full_layers=True))
+    assert full["hfu"] == base["palm"] + 2 * layer_params + attn_fwd
+    assert full["palm"] == base["palm"]  # model FLOPs do not change with recomputation

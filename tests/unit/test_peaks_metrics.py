@@ -1,0 +1,77 @@
+import json
+import logging
+import math
+
+import pytest
+
+from analysis.metrics import MetricsProcessor
+from analysis.peaks import calibrate_cpu_peak, device_key, gpu_peak, table_peak_flops
+from analysis.sinks import JsonlSink
+
+
+@pytest.mark.parametrize("name,key", [
+    ("NVIDIA A800-SXM4-80GB", "a800"), ("NVIDIA A100-SXM4-40GB", "a100"), ("NVIDIA A100-PCIE-40GB", "a100"),
+    ("NVIDIA H100 80GB HBM3", "h100_sxm"), ("NVIDIA H100 PCIe", "h100_pcie"), ("NVIDIA H800", "h800"),
+    ("NVIDIA H200", "h200"), ("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"), ("NVIDIA H20", "h20"),
+    ("NVIDIA H100 NVL", None), ("NVIDIA GeForce GTX 1080", None), ("NVIDIA H200 NVL", None),
+])
+def test_device_names_map_to_table_keys(name, key):
+    assert device_key(name) == key
+
+
+def test_peak_table_values():
+    assert table_peak_flops("a800", "bf16") == 312e12 == table_peak_flops("a100", "fp16")
+    assert table_peak_flops("h100_sxm", "bf16") == pytest.approx(989.4e12)
+    assert table_peak_flops("h100_pcie", "bf16") == 756e12
+    assert table_peak_flops("l40s", "bf16") == pytest.approx(362.05e12)
+    assert table_peak_flops("a100", "tf32") == 156e12 and table_peak_flops("a100", "fp32") == 19.5e12
+    assert table_peak_flops("v100", "bf16") is None  # no bf16 tensor cores: unknown, not fp16's figure
+
+
+def test_unknown_gpu_gives_null_peak_and_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        peak = gpu_peak("NVIDIA Imaginary X9", "bf16")
+    assert peak.flops is None and peak.source == "unknown"
+    assert "MFU is reported as null" in caplog.text and "hardware.peak_tflops" in caplog.text
+    m = MetricsProcessor(flops_per_token={c: 1e6 for c in ("6n", "palm", "causal", "hfu")}, peak_flops=peak.flops,
+                         tokens_per_step=1000, world_size=1)
+    row = m.step(1, loss=1.0, lr=1e-3, grad_norm=1.0, step_s=0.5, mem_peak_bytes=0)
+    assert row["perf/mfu/palm"] is None and row["perf/tflops/palm"] == pytest.approx(2000 * 1e6 / 1e12)
+
+
+def test_cpu_calibration_is_measured_then_cached(tmp_path):
+    first = calibrate_cpu_peak("fp32", tmp_path)
+    assert first.source == "measured" and first.flops > 1e9  # any CPU does > 1 GFLOP/s in fp32 GEMM
+    assert "GEMM calibration" in first.method and "threads" in first.method
+    again = calibrate_cpu_peak("fp32", tmp_path)
+    assert again.source == "cached measurement" and again.flops == first.flops
+    cache = json.loads((tmp_path / "cpu_peak.json").read_text())
+    assert len(cache) == 1 and next(iter(cache.values()))["dtype"] == "fp32"
+    with pytest.raises(ValueError, match="no CPU GEMM calibration for dtype"):
+        calibrate_cpu_peak("fp8", tmp_path)
+
+
+def test_processor_computes_throughput_tflops_and_mfu():
+    fpt = {"6n": 6e6, "palm": 8e6, "causal": 7e6, "hfu": 9e6}
+    m = MetricsProcessor(flops_per_token=fpt, peak_flops=100e9, tokens_per_step=4096, world_size=2,
+                         warmup_steps=1)
+    for step, step_s in enumerate([9.0, 1.0, 2.0, 4.0], start=1):
+        row = m.step(step, loss=5.0 - step, lr=1e-3, grad_norm=0.5, step_s=step_s, mem_peak_bytes=step * 10)
+    assert row["perf/tokens_per_s"] == 1024 and row["perf/tokens_per_s_per_device"] == 512
+    assert row["perf/tflops/palm"] == pytest.approx(512 * 8e6 / 1e12)
+    assert row["perf/mfu/hfu"] == pytest.approx(512 * 9e6 / 100e9)
+    s = m.summary({"device_type": "cpu", "device_name": "x", "dtype": "fp32", "peak_tflops": 0.1})
+    assert s["median"]["perf/step_s"] == 2.0  # median of the steps after warm-up (1, 2, 4), not of 9
+    assert s["loss"] == {"first": 4.0, "last": 1.0} and s["mem/peak_bytes"] == 40
+    v = s["vs_baichuan_7b"]
+    assert v["convention"] == "palm" and v["reference"]["tflops_per_gpu"] == 182.0
+    assert v["mfu_ratio_to_58_3"] == pytest.approx(s["median"]["perf/mfu/palm"] / 0.583)
+    assert "CPU" in v["meaning"]
+
+
+def test_jsonl_sink_keeps_a_nonfinite_loss_as_null_with_a_flag(tmp_path):
+    sink = JsonlSink(tmp_path / "m.jsonl")
+    sink.log({"step": 1, "train/loss": math.nan, "perf/step_s": 0.1})
+    sink.close({})
+    row = json.loads((tmp_path / "m.jsonl").read_text())
+    assert row["train/loss"] is None and row["nonfinite"] == ["train/loss"] and row["perf/step_s"] == 0.1
