@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -33,6 +33,11 @@ def typed(node: DictConfig, key: str, cls: type[T] | None = None) -> T:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(cls), raw)
         return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        field = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"{key}.{field} is not a known key of {key} ({cls.__name__}: {known}); "
+                          "check the spelling") from None
     except OmegaConfBaseException as e:
         field = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
         msg = str(e).splitlines()[0]

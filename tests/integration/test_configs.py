@@ -126,8 +126,8 @@ def validate_node(node: DictConfig, key: str, objects: dict[str, Any]) -> None:
     else:
         children = {k: node[k] for k in node}
         assert children and all(isinstance(v, DictConfig) for v in children.values()), (
-            f"config node {key!r} names no dataclass: give it a `_target_: module.ConfigDataclass`, or add it "
-            "to TYPED in this test (and validate it in experiments.trainer.build_run)")
+            f"config node {key!r} names no dataclass: give it a `_target_: module.ConfigDataclass`, or add "
+            "it to TYPED in this test (and validate it in experiments.trainer.build_run)")
         for k, v in children.items():
             validate_node(v, f"{key}.{k}", objects)
         return
@@ -191,8 +191,9 @@ def test_option_composes_and_validates(group: str, option: str):
     assert node is not None, f"{group}={option}: nothing at package {package!r}"
     composed = leaves(OmegaConf.to_container(node, resolve=False))
     for key, value in leaves(own).items():
-        assert key in composed and composed[key] == value, (
-            f"{path.relative_to(REPO)}: {key}={value!r} but the composed config has {composed.get(key, '<missing>')!r}")
+        got = composed.get(key, "<missing>")
+        assert key in composed and got == value, (
+            f"{path.relative_to(REPO)}: {key}={value!r} but the composed config has {got!r}")
 
 
 def test_baichuan_7b_has_the_published_shapes():
@@ -202,7 +203,8 @@ def test_baichuan_7b_has_the_published_shapes():
     assert (m.name, m.n_layers, m.dim, m.n_heads, m.ffn_dim, m.vocab_size, m.max_seq_len) == (
         "baichuan_7b", 32, 4096, 32, 11008, 64000, 4096)
     assert m.head_dim == 128
-    assert total_params(n_layers=m.n_layers, dim=m.dim, ffn_dim=m.ffn_dim, vocab_size=m.vocab_size) == 7_000_559_616
+    n = total_params(n_layers=m.n_layers, dim=m.dim, ffn_dim=m.ffn_dim, vocab_size=m.vocab_size)
+    assert n == 7_000_559_616  # the figure in conf/model/baichuan_7b.yaml (Baichuan-7B's config.json)
     # The interpolations follow the model.
     assert objects["train"].seq_len == 4096
     assert objects["data"].vocab_size == 64000
