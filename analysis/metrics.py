@@ -10,6 +10,7 @@ Anything else a component measures (comm/..., fault/...) arrives in ``extra`` an
 """
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any, Protocol
 
 from analysis.flops import CONVENTIONS, DEFAULT_CONVENTION
 from analysis.peaks import BAICHUAN_7B
+
+log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
@@ -33,6 +36,7 @@ class MetricsProcessor:
     sinks: list[Sink] = field(default_factory=list)
     warmup_steps: int = 3  # steps left out of the steady-state summary (allocator, caches, DDP buckets)
     history: list[dict[str, Any]] = field(default_factory=list)
+    _warned_mfu: bool = False
 
     def step(self, step: int, *, loss: float, lr: float, grad_norm: float, step_s: float,
              mem_peak_bytes: int | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -45,6 +49,11 @@ class MetricsProcessor:
             achieved = per_device * self.flops_per_token[conv]  # FLOP/s per device
             m[f"perf/tflops/{conv}"] = achieved / 1e12
             m[f"perf/mfu/{conv}"] = achieved / self.peak_flops if self.peak_flops else None
+        if not self._warned_mfu and (m["perf/mfu/6n"] or 0) > 1.0:
+            self._warned_mfu = True  # once: a peak below what training reaches means the peak is wrong
+            log.warning("MFU %.0f%% exceeds 100%%: the peak (%.3g TFLOPS) is below what this run achieves; "
+                        "check hardware.peak_tflops or recalibrate (hardware.recalibrate=true)",
+                        100 * m["perf/mfu/6n"], self.peak_flops / 1e12)
         m["mem/peak_bytes"] = mem_peak_bytes
         m.update(extra or {})
         self.history.append(m)

@@ -2,8 +2,8 @@
 
 MFU divides achieved FLOP/s by these peaks. A GPU missing from the table is reported as unknown (MFU null),
 never as another device's peak. A CPU has no datasheet figure that training can approach, so its peak is
-measured: the best median rate of large square GEMMs in the run's dtype, with the run's thread count, cached
-per machine, thread count, dtype and torch version (see ``calibrate_cpu_peak``).
+measured: the best rate of large square GEMMs in the run's dtype over the operand layouts a training step uses,
+with the run's thread count, cached per machine, thread count, dtype and torch version (``calibrate_cpu_peak``).
 """
 from __future__ import annotations
 
@@ -88,42 +88,54 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+_CALIBRATION_VERSION = 2  # bump when the method changes, so stale cached peaks are measured again
+
+
 def _cache_key(dtype: str, threads: int) -> str:
     import torch
 
-    ident = f"{cpu_name()}|{os.cpu_count()}|{platform.machine()}|{threads}|{dtype}|{torch.__version__}"
+    ident = f"v{_CALIBRATION_VERSION}|{cpu_name()}|{os.cpu_count()}|{platform.machine()}|{threads}|{dtype}|{torch.__version__}"
     return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
 
+# Operand layouts a training step uses: NT is nn.Linear's forward (x @ W.T), NN its input gradient (g @ W),
+# TN its weight gradient (g.T @ x). CPU libraries pick different kernels per layout: on an AVX2-only CPU, bf16
+# NT/TN run ~15x faster than NN, so timing one layout can misstate the peak by an order of magnitude.
+_LAYOUTS = {"NN": lambda a, b: a @ b, "NT": lambda a, b: a @ b.t(), "TN": lambda a, b: a.t() @ b}
+
+
 def measure_gemm_flops(dtype: str, *, sizes: tuple[int, ...] = (256, 512, 1024, 2048),
-                       budget_s: float = 0.25) -> tuple[float, dict[int, float]]:
-    """Best FLOP/s of n x n @ n x n matmuls on the CPU over sizes and repeats, in the current thread count.
+                       budget_s: float = 0.25) -> tuple[float, dict[str, dict[int, float]]]:
+    """Best FLOP/s of n x n GEMMs on the CPU over layouts, sizes and repeats, in the current thread count.
 
     The best repeat, not the median: a peak is what the hardware can do, and other processes on a shared
-    machine only ever slow a repeat down. Sizes grow while the next size's matmul (8x the work) is predicted
-    to take under 4 x ``budget_s``: a dtype the CPU has no fast kernel for (bf16 without AVX-512 runs at
-    ~1 GFLOP/s) then costs about a second instead of minutes.
+    machine only ever slow a repeat down. Per layout, sizes grow while the next size's matmul (8x the work) is
+    predicted to take under 2 x ``budget_s``: a slow kernel then costs about a second instead of minutes.
+    Returns (best FLOP/s, {layout: {n: FLOP/s}}).
     """
     import torch
 
     if dtype not in _TORCH_DTYPES:
         raise ValueError(f"no CPU GEMM calibration for dtype {dtype!r}; use one of {sorted(_TORCH_DTYPES)}")
     tdtype = getattr(torch, _TORCH_DTYPES[dtype])
-    rates = {}
-    for n in sizes:
-        a, b = torch.randn(n, n).to(tdtype), torch.randn(n, n).to(tdtype)
-        t0 = time.perf_counter()
-        a @ b  # warm-up, and a first estimate of the cost of one call
-        once = time.perf_counter() - t0
-        times = []
-        for _ in range(max(3, min(10, int(budget_s / max(once, 1e-6))))):
+    rates: dict[str, dict[int, float]] = {}
+    for layout, matmul in _LAYOUTS.items():
+        rates[layout] = {}
+        for n in sizes:
+            a, b = torch.randn(n, n).to(tdtype), torch.randn(n, n).to(tdtype)
             t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-        rates[n] = 2 * n**3 / min(times)
-        if 8 * min(times) > 4 * budget_s:
-            break
-    return max(rates.values()), rates
+            matmul(a, b)  # warm-up, and a first estimate of the cost of one call
+            once = time.perf_counter() - t0
+            times = []
+            for _ in range(max(3, min(10, int(budget_s / max(once, 1e-6))))):
+                t0 = time.perf_counter()
+                matmul(a, b)
+                times.append(time.perf_counter() - t0)
+            rates[layout][n] = 2 * n**3 / min(times)
+            if 8 * min(times) > 2 * budget_s:
+                break
+    return max(r for by_size in rates.values() for r in by_size.values()), rates
+
 
 def calibrate_cpu_peak(dtype: str, cache_dir: str | Path, *, refresh: bool = False) -> Peak:
     """Measured CPU peak for ``dtype`` with this process's torch thread count, cached under cache_dir."""
@@ -138,10 +150,11 @@ def calibrate_cpu_peak(dtype: str, cache_dir: str | Path, *, refresh: bool = Fal
         return Peak(entry["flops"], cpu_name(), dtype, "cached measurement", entry["method"])
     t0 = time.perf_counter()
     best, rates = measure_gemm_flops(dtype)
-    per_size = ", ".join(f"{n}: {r / 1e9:.1f}" for n, r in rates.items())
-    method = (f"CPU GEMM calibration: best of repeated square {dtype} matmuls with {threads} threads "
-              f"(GFLOP/s by size {per_size}), torch {torch.__version__}, measured {time.strftime('%Y-%m-%d')} "
-              f"in {time.perf_counter() - t0:.1f}s")
+    per_layout = "; ".join(f"{layout} " + ", ".join(f"{n}: {r / 1e9:.1f}" for n, r in by_size.items())
+                           for layout, by_size in rates.items())
+    method = (f"CPU GEMM calibration: best of repeated square {dtype} matmuls in layouts NN/NT/TN with {threads} "
+              f"threads (GFLOP/s by layout and size: {per_layout}), torch {torch.__version__}, measured "
+              f"{time.strftime('%Y-%m-%d')} in {time.perf_counter() - t0:.1f}s")
     cache[key] = {"flops": best, "method": method, "cpu": cpu_name(), "threads": threads, "dtype": dtype}
     _write_json_atomic(path, cache)
     return Peak(best, cpu_name(), dtype, "measured", method)

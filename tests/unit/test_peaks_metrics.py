@@ -5,7 +5,7 @@ import math
 import pytest
 
 from analysis.metrics import MetricsProcessor
-from analysis.peaks import calibrate_cpu_peak, device_key, gpu_peak, table_peak_flops
+from analysis.peaks import calibrate_cpu_peak, device_key, gpu_peak, measure_gemm_flops, table_peak_flops
 from analysis.sinks import JsonlSink
 
 
@@ -75,3 +75,19 @@ def test_jsonl_sink_keeps_a_nonfinite_loss_as_null_with_a_flag(tmp_path):
     sink.close({})
     row = json.loads((tmp_path / "m.jsonl").read_text())
     assert row["train/loss"] is None and row["nonfinite"] == ["train/loss"] and row["perf/step_s"] == 0.1
+
+
+def test_gemm_calibration_times_every_layout_a_training_step_uses():
+    # nn.Linear forward is NT, its input gradient NN, its weight gradient TN; CPU kernels differ per layout.
+    best, rates = measure_gemm_flops("fp32", sizes=(64, 128))
+    assert set(rates) == {"NN", "NT", "TN"} and all(set(r) == {64, 128} for r in rates.values())
+    assert best == max(r for by_size in rates.values() for r in by_size.values())
+
+
+def test_mfu_above_100_percent_warns_once(caplog):
+    m = MetricsProcessor(flops_per_token={c: 1e6 for c in ("6n", "palm", "causal", "hfu")}, peak_flops=1e6,
+                         tokens_per_step=10, world_size=1)
+    with caplog.at_level(logging.WARNING):
+        for step in (1, 2):
+            m.step(step, loss=1.0, lr=1e-3, grad_norm=1.0, step_s=1.0, mem_peak_bytes=0)
+    assert caplog.text.count("exceeds 100%") == 1
