@@ -31,16 +31,6 @@ REPO = Path(__file__).resolve().parents[2]
 VOCAB = 1000
 
 
-@pytest.fixture(scope="module")
-def corpus_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return generate_corpus(tmp_path_factory.mktemp("corpus"), n_files=4, total_mb=0.3, seed=11)
-
-
-@pytest.fixture(scope="module")
-def tok(corpus_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return train_tokenizer(corpus_files, vocab_size=VOCAB, cache_dir=tmp_path_factory.mktemp("cache"))
-
-
 @pytest.fixture()
 def tiny_files(tmp_path: Path) -> list[Path]:
     """Three small files of a few documents (with blank-line noise; the last without a final newline)."""

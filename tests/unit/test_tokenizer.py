@@ -19,16 +19,6 @@ VOCAB = 1000
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 
 
-@pytest.fixture(scope="module")
-def corpus_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return generate_corpus(tmp_path_factory.mktemp("corpus"), n_files=4, total_mb=0.3, seed=7)
-
-
-@pytest.fixture(scope="module")
-def tok(corpus_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return train_tokenizer(corpus_files, vocab_size=VOCAB, cache_dir=tmp_path_factory.mktemp("cache"))
-
-
 def test_special_ids_and_no_bos_eos(tok: Tokenizer) -> None:
     assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
     assert 259 < tok.vocab_size <= VOCAB
