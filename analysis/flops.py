@@ -35,7 +35,8 @@ class Recompute:
 
     full_layers: bool = False  # every decoder layer's forward re-run in backward
     attention_core: bool = False  # only softmax(QK^T)V re-run (Korthikanti's selective recomputation)
-    mlp: bool = False  # the SwiGLU MLP re-run
+    mlp: bool = False  # the SwiGLU MLP re-run (recomputation or tiled MLP)
+    lm_head: bool = False  # the LM head re-run (chunked cross-entropy recomputes each chunk's logits)
 
 
 def matmul_params(*, n_layers: int, dim: int, ffn_dim: int, vocab_size: int) -> int:
@@ -60,5 +61,6 @@ def flops_per_token(*, n_layers: int, dim: int, ffn_dim: int, vocab_size: int, s
     else:
         extra = (attn_fwd if recompute.attention_core else 0) + \
                 (2 * n_layers * 3 * dim * ffn_dim if recompute.mlp else 0)
+    extra += 2 * vocab_size * dim if recompute.lm_head else 0
     return {"6n": float(6 * n), "palm": float(palm), "causal": float(6 * n + 1.5 * attn_fwd),
             "hfu": float(palm + extra)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -24,13 +25,13 @@ class DDPConfig:
     static_graph: bool = False  # the graph is the same every step (lets DDP skip unused-parameter search)
 
     def build(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, grad_clip: float,
-              device: torch.device) -> "DDPEngine":
-        return DDPEngine(model, optimizer, scheduler, cfg=self, grad_clip=grad_clip, device=device)
+              device: torch.device, scaler: torch.amp.GradScaler) -> "DDPEngine":
+        return DDPEngine(model, optimizer, scheduler, cfg=self, grad_clip=grad_clip, device=device, scaler=scaler)
 
 
 class DDPEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, cfg: DDPConfig,
-                 grad_clip: float, device: torch.device):
+                 grad_clip: float, device: torch.device, scaler: torch.amp.GradScaler):
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.raw = model
         self.model = model
@@ -39,6 +40,8 @@ class DDPEngine:
                              bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph,
                              gradient_as_bucket_view=cfg.gradient_as_bucket_view)
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
+        self.scaler = scaler  # a disabled GradScaler passes everything through
+        self.skipped_steps = 0
 
     @property
     def module(self) -> nn.Module:
@@ -55,7 +58,7 @@ class DDPEngine:
             with sync:
                 with forward_context():
                     loss = self.model(x, y) / n_micro
-                loss.backward()
+                self.scaler.scale(loss).backward()
             total += loss.detach()
         if self.distributed:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -63,14 +66,25 @@ class DDPEngine:
         return total
 
     def step(self) -> dict[str, float]:
-        """Clip, step the optimizer and schedule; returns the pre-clip global grad norm and the lr used."""
+        """Unscale, clip, step the optimizer (skipped on overflow) and the schedule.
+
+        Returns the pre-clip global grad norm, the lr used, the loss scale and the running count of steps the
+        scaler skipped because gradients overflowed.
+        """
+        self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # Dynamic scaling lowers the scale only when it found inf/nan and skipped optimizer.step().
+        self.skipped_steps += self.scaler.get_scale() < scale
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, by design
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": grad_norm.item(), "lr": lr}
+        return {"grad_norm": grad_norm.item(), "lr": lr, "loss_scale": scale, "skipped_steps": self.skipped_steps}
 
 
 def parameter_digest(module: nn.Module) -> str:

@@ -7,6 +7,7 @@ The loop never branches on config strings: every choice was made while building.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from analysis.flops import flops_per_token, matmul_params, total_params
+from analysis.flops import Recompute, flops_per_token, matmul_params, total_params
 from analysis.metrics import MetricsProcessor
 from analysis.peaks import Peak, calibrate_cpu_peak, gpu_peak
 from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
@@ -32,10 +33,14 @@ from comm.ddp import DDPConfig, replica_digests
 from experiments.config import ConfigError, plain, typed
 from experiments.dist import DistInfo, dist_info
 from systems.data import DataConfig, build_data, resolve_cache_dir
-from systems.memory import peak_memory_fn, total_memory_bytes
+from systems import capabilities
+from systems.fusion import FusionConfig
+from systems.memory import SavedTensorMeter, peak_memory_fn, total_memory_bytes
 from systems.model import ModelConfig, build_model, count_parameters
 from systems.optim import OptimConfig, build_optimizer, build_scheduler
 from systems.precision import Precision
+from systems.splitting import SplittingConfig
+from systems.transforms import transform_model
 
 log = logging.getLogger("chuanliu")
 
@@ -92,6 +97,7 @@ class Run:
     run_dir: Path
     sync: Callable[[], None]
     peak_memory: Callable[[], int]
+    meter: SavedTensorMeter
     show_progress: bool
 
 
@@ -166,11 +172,14 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     log_cfg = typed(cfg.logging, "logging", LoggingConfig)
     optim_cfg = typed(cfg.optim, "optim", OptimConfig)
     engine_cfg: DDPConfig = typed(cfg.engine, "engine")
+    fusion = typed(cfg.fusion, "fusion", FusionConfig)
+    splitting = typed(cfg.splitting, "splitting", SplittingConfig)
     if train.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
                           "lower train.seq_len or raise model.max_seq_len")
 
     device = pick_device(train, info)
+    precision.check(device.type)
     check_fits(model_cfg, device)
     precision.setup(device.type)
     seed_everything(train.seed)
@@ -181,14 +190,18 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                           f"{model_cfg.vocab_size}; raise model.vocab_size or lower data.vocab_size")
 
     model = build_model(model_cfg, device)
+    kernels = transform_model(model, fusion=fusion, splitting=splitting, precision=precision,
+                              device_type=device.type)
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, train.steps)
-    engine = engine_cfg.build(model, optimizer, scheduler, grad_clip=optim_cfg.grad_clip, device=device)
+    engine = engine_cfg.build(model, optimizer, scheduler, grad_clip=optim_cfg.grad_clip, device=device,
+                              scaler=precision.make_scaler(device.type))
 
     dtype = precision.peak_dtype(device.type)
     peak = measure_peak(hw, device, dtype, info)
     fpt = flops_per_token(n_layers=model_cfg.n_layers, dim=model_cfg.dim, ffn_dim=model_cfg.ffn_dim,
-                          vocab_size=model_cfg.vocab_size, seq_len=train.seq_len)
+                          vocab_size=model_cfg.vocab_size, seq_len=train.seq_len,
+                          recompute=Recompute(**splitting.recomputed()))
     tokens_per_step = info.world_size * train.micro_batch_size * train.grad_accum_steps * train.seq_len
     environment = {
         "device_type": device.type, "device_name": _device_name(device), "dtype": dtype,
@@ -201,6 +214,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                                            ffn_dim=model_cfg.ffn_dim, vocab_size=model_cfg.vocab_size),
         "tokenizer_vocab": tokenizer.vocab_size, "seq_len": train.seq_len, "tokens_per_step": tokens_per_step,
         "micro_batch_size": train.micro_batch_size, "grad_accum_steps": train.grad_accum_steps,
+        "precision": precision.compute_dtype, "loss_scaling": precision.loss_scaling, "kernels": kernels,
+        "compile_layers": fusion.compile_layers, "splitting": splitting.__dict__, "capabilities": capabilities.summary(),
     }
     sinks = []
     if info.is_main:
@@ -208,6 +223,9 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         tokenizer.save(run_dir / "tokenizer.model")
         sinks = build_sinks(log_cfg, train, run_dir, cfg)
         log.info("peak for MFU: %s", peak.method)
+        log.info("operators: %s%s; splitting: %s; precision: %s", kernels,
+                 " + compiled layers" if fusion.compile_layers else "",
+                 {k: v for k, v in splitting.__dict__.items() if v is True} or "none", precision.compute_dtype)
         log.info("model %s: %s parameters, %.3f GFLOP/token (palm); %d ranks x %d threads on %s",
                  model_cfg.name, f"{environment['parameters']:,}", fpt["palm"] / 1e9, info.world_size,
                  torch.get_num_threads(), environment["device_name"])
@@ -220,7 +238,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     return Run(train=train, info=info, device=device, precision=precision, engine=engine, next_batch=next_batch,
                metrics=metrics, environment=environment, run_dir=run_dir, sync=sync,
-               peak_memory=peak_memory_fn(device), show_progress=info.is_main and log_cfg.progress_bar)
+               peak_memory=peak_memory_fn(device), meter=SavedTensorMeter(model.parameters()),
+               show_progress=info.is_main and log_cfg.progress_bar)
 
 
 def micro_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -230,19 +249,26 @@ def micro_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def train_loop(run: Run) -> dict[str, Any]:
-    autocast = lambda: run.precision.autocast(run.device.type)  # noqa: E731
+    @contextlib.contextmanager
+    def forward_context():  # entered once per micro-batch forward
+        with run.precision.autocast(run.device.type), run.meter:
+            yield
     # disable=None: tqdm shows the bar only on a terminal, so CI logs get the periodic lines alone.
     bar = tqdm(range(1, run.train.steps + 1), disable=None if run.show_progress else True, desc="train", unit="step",
                dynamic_ncols=True, mininterval=1.0)
     for step in bar:
         t0 = time.perf_counter()
-        loss = run.engine.forward_backward(micro_batches(run), run.train.grad_accum_steps, autocast)
+        run.meter.reset_peak()
+        loss = run.engine.forward_backward(micro_batches(run), run.train.grad_accum_steps, forward_context)
         stats = run.engine.step()
         loss_value = loss.item()
         run.sync()
         step_s = time.perf_counter() - t0
         run.metrics.step(step, loss=loss_value, lr=stats["lr"], grad_norm=stats["grad_norm"], step_s=step_s,
-                         mem_peak_bytes=run.peak_memory())
+                         mem_peak_bytes=run.peak_memory(),
+                         extra={"mem/activation_bytes": run.meter.peak_bytes,
+                                "precision/loss_scale": stats["loss_scale"],
+                                "precision/skipped_steps": stats["skipped_steps"]})
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     bar.close()
     summary = run.metrics.summary(run.environment)
@@ -270,7 +296,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     quiet_other_ranks(dist_info())
     try:
         run = build_run(cfg, run_dir)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # Unavailable is a ValueError too
         raise SystemExit(f"chuanliu: error: {e}") from None
     summary = train_loop(run)
     if run.info.is_main:

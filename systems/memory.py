@@ -26,3 +26,45 @@ def total_memory_bytes(device: torch.device) -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class SavedTensorMeter:
+    """Activation memory of a forward pass: bytes of tensors autograd saves for backward.
+
+    Deterministic on any device (no allocator statistics needed): every tensor autograd saves passes through
+    a saved-tensors pack hook, is deduplicated by storage (views of one buffer count once) and counted unless
+    it is a parameter. A checkpoint's inputs are saved that way too, so recomputation shows up as the
+    memory it really keeps.
+    Use one ``with meter:`` per micro-batch forward; ``peak_bytes`` is the largest so far, ``last_bytes`` the
+    latest. Transient buffers freed before backward (a chunk's logits) are not counted: they are never saved.
+    """
+
+    def __init__(self, params):
+        self._param_storages = {p.untyped_storage().data_ptr() for p in params}
+        self.last_bytes = 0
+        self.peak_bytes = 0
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = 0
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses (fp8) without a plain storage
+            key, nbytes = id(t), t.numel() * t.element_size()
+        if key not in self._param_storages:
+            self._seen[key] = nbytes
+        return t
+
+    def __enter__(self) -> "SavedTensorMeter":
+        self._seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        self.last_bytes = sum(self._seen.values())
+        self.peak_bytes = max(self.peak_bytes, self.last_bytes)
+        self._seen = {}

@@ -6,8 +6,12 @@ Hugging Face checkpoint's state dict maps one to one (``model.layers.N.self_attn
     embed_tokens -> N x [RMSNorm -> attention(W_pack fused QKV, RoPE, causal) -> +res
                          RMSNorm -> SwiGLU MLP(gate, up, down) -> +res] -> RMSNorm -> lm_head (untied)
 
-Techniques (fused kernels, splitting, recomputation) are applied to a built model by ``apply_*`` functions
-elsewhere in ``systems/``; this file holds only the reference computation.
+Techniques are applied to a built model by ``apply_*`` functions elsewhere in ``systems/``; this file holds only
+the reference computation. Every operator a technique may replace is a plain function held in an attribute, so a
+technique swaps the function and the module tree (and so the state dict) stays the same:
+
+    RMSNorm.norm_fn(x, weight, eps)          Attention.rope_fn(q, k, cos, sin)    Attention.core_fn(q, k, v)
+    MLP.act_fn(gate, up)                     BaichuanForCausalLM.loss_fn(hidden, lm_head_weight, targets)
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from systems.attention import ATTENTION_IMPLS
+from systems.attention import eager_attention
 
 
 @dataclass(kw_only=True)
@@ -32,7 +36,6 @@ class ModelConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon, as Baichuan-7B
     rope_theta: float = 10000.0  # rotary base
     init_std: float = 0.02  # normal init std of every linear and embedding (Baichuan's initializer_range)
-    attention: str = "sdpa"  # attention kernel: one of systems.attention.ATTENTION_IMPLS
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -41,28 +44,39 @@ class ModelConfig:
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"model head dim {self.dim // self.n_heads} is odd; rotary embeddings need an even "
                              "head dim (change model.dim or model.n_heads)")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention={self.attention!r} is unknown; use one of "
-                             f"{sorted(ATTENTION_IMPLS)}")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
 
-class RMSNorm(nn.Module):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Root-mean-square norm computed in fp32, as Baichuan/LLaMA do (stability under bf16)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def cross_entropy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """LM head and mean next-token loss: hidden (..., C), weight (V, C), targets (...). Softmax in fp32."""
+    logits = F.linear(hidden, weight)  # (..., V)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.norm_fn = rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.norm_fn(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -102,14 +116,15 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.W_pack = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)  # fused QKV, Baichuan's name
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.attn_fn = ATTENTION_IMPLS[cfg.attention]
+        self.rope_fn = apply_rotary
+        self.core_fn = eager_attention  # causal softmax(QK^T/sqrt(D))V on (B, H, T, D)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.W_pack(x).view(B, T, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        q, k = apply_rotary(q, k, cos, sin)
-        y = self.attn_fn(q, k, v)  # (B, H, T, D), causal
+        q, k = self.rope_fn(q, k, cos, sin)
+        y = self.core_fn(q, k, v)  # (B, H, T, D), causal
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -121,9 +136,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.act_fn = swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -163,6 +179,7 @@ class BaichuanForCausalLM(nn.Module):
         self.config = cfg
         self.model = BaichuanModel(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.loss_fn = cross_entropy_loss  # LM head + loss together, so splitting can chunk both
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -171,10 +188,10 @@ class BaichuanForCausalLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids. With targets (B, T): scalar loss; without: logits (B, T, V)."""
-        logits = self.lm_head(self.model(idx))  # (B, T, V)
+        hidden = self.model(idx)  # (B, T, C)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            return self.lm_head(hidden)  # (B, T, V)
+        return self.loss_fn(hidden, self.lm_head.weight, targets)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BaichuanForCausalLM:

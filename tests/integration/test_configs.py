@@ -19,8 +19,10 @@ from analysis.flops import total_params
 from experiments.config import typed
 from experiments.trainer import HardwareConfig, LoggingConfig, TrainConfig
 from systems.data import DataConfig
+from systems.fusion import FusionConfig
 from systems.model import ModelConfig
 from systems.optim import OptimConfig
+from systems.splitting import SplittingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
@@ -29,7 +31,8 @@ PRIMARY = "config"
 # Top-level nodes whose dataclass the caller names (build_run does the same); any other node must name
 # its dataclass with _target_ (precision, engine, ...).
 TYPED: dict[str, type] = {"train": TrainConfig, "model": ModelConfig, "data": DataConfig,
-                          "hardware": HardwareConfig, "logging": LoggingConfig, "optim": OptimConfig}
+                          "hardware": HardwareConfig, "logging": LoggingConfig, "optim": OptimConfig,
+                          "fusion": FusionConfig, "splitting": SplittingConfig}
 TARGETED = ("precision", "engine")
 
 
