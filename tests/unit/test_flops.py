@@ -18,9 +18,9 @@ SHAPE = dict(n_layers=2, dim=128, n_heads=4, ffn_dim=344, vocab_size=1000)
 B, T = 2, 64
 
 
-def _counted(attention: str) -> FlopCounterMode:
+def _counted() -> FlopCounterMode:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**SHAPE, max_seq_len=T, attention=attention))
+    model = build_model(ModelConfig(**SHAPE, max_seq_len=T))  # the reference: eager attention
     idx = torch.randint(0, SHAPE["vocab_size"], (B, T))
     with FlopCounterMode(display=False) as counter:
         model(idx, idx).backward()
@@ -33,12 +33,12 @@ def _analytic() -> dict[str, float]:
 
 
 def test_palm_convention_agrees_with_flop_counter_within_2_percent():
-    counted = _counted("eager").get_total_flops()
+    counted = _counted().get_total_flops()
     assert counted == pytest.approx(_analytic()["palm"], rel=0.02)
 
 
 def test_6n_is_the_linear_layers_alone():
-    counts = _counted("eager").get_flop_counts()["Global"]
+    counts = _counted().get_flop_counts()["Global"]
     linear = counts[torch.ops.aten.mm]  # every nn.Linear forward and backward
     assert linear == pytest.approx(_analytic()["6n"], rel=0.02)
     attention = counts[torch.ops.aten.bmm]  # QK^T and AV, forward and backward

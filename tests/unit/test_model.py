@@ -3,6 +3,7 @@ import torch
 
 from analysis.flops import total_params
 from systems.attention import eager_attention, sdpa_attention
+from systems.fusion import FusionConfig, apply_fusion
 from systems.model import ModelConfig, build_model, count_parameters
 
 TINY = ModelConfig(n_layers=2, dim=64, n_heads=4, ffn_dim=172, vocab_size=256, max_seq_len=32)
@@ -13,7 +14,8 @@ BAICHUAN_7B = ModelConfig(name="baichuan_7b", n_layers=32, dim=4096, n_heads=32,
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_changing_a_future_token_leaves_earlier_logits_unchanged(attention):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**{**TINY.__dict__, "attention": attention})).eval()
+    model = build_model(TINY).eval()
+    apply_fusion(model, FusionConfig(attention=attention), device="cpu", compute_dtype="fp32")
     idx = torch.randint(0, 256, (2, 16))
     changed = idx.clone()
     changed[:, 10] = (idx[:, 10] + 1) % 256
@@ -68,7 +70,7 @@ def test_rms_norm_eps_and_bad_shapes():
     assert BAICHUAN_7B.norm_eps == 1e-6
     with pytest.raises(ValueError, match="not divisible by model.n_heads"):
         ModelConfig(dim=100, n_heads=3)
-    with pytest.raises(ValueError, match="model.attention"):
-        ModelConfig(attention="magic")
+    with pytest.raises(ValueError, match="fusion.attention"):
+        FusionConfig(attention="magic")
     with pytest.raises(ValueError, match="max_seq_len"):
         build_model(TINY)(torch.zeros(1, 64, dtype=torch.long))
