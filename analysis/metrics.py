@@ -65,7 +65,8 @@ class MetricsProcessor:
         steady = self.history[self.warmup_steps:] or self.history
         keys = ["perf/step_s", "perf/tokens_per_s", "perf/tokens_per_s_per_device"]
         keys += [f"perf/{k}/{c}" for k in ("tflops", "mfu") for c in CONVENTIONS]
-        med = {k: _median([m[k] for m in steady]) for k in keys}
+        keys += sorted({k for m in steady for k in m if k.startswith(("mem/", "comm/", "precision/"))})
+        med = {k: _median([m.get(k) for m in steady]) for k in keys}
         return {
             "steps": len(self.history),
             "steady_state_steps": len(steady),

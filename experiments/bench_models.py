@@ -26,13 +26,18 @@ from experiments.trainer import build_run, train_loop
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bench_one(model: str, micro_batch: int, precision: str, steps: int, warmup: int, workdir: Path) -> dict:
-    overrides = [f"model={model}", f"precision={precision}", f"train.micro_batch_size={micro_batch}",
-                 f"train.steps={steps}", f"train.summary_warmup_steps={warmup}", "logging=disabled",
+def run_config(overrides: list[str], steps: int, warmup: int, run_dir: Path) -> dict:
+    """Train one configuration in this process (as experiments.train would) and return its summary."""
+    overrides = [*overrides, f"train.steps={steps}", f"train.summary_warmup_steps={warmup}", "logging=disabled",
                  "logging.progress_bar=false", f"train.log_every={steps}"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    summary = train_loop(build_run(cfg, workdir / f"{model}_{precision}_mb{micro_batch}"))
+    return train_loop(build_run(cfg, run_dir))
+
+
+def bench_one(model: str, micro_batch: int, precision: str, steps: int, warmup: int, workdir: Path) -> dict:
+    summary = run_config([f"model={model}", f"precision={precision}", f"train.micro_batch_size={micro_batch}"],
+                         steps, warmup, workdir / f"{model}_{precision}_mb{micro_batch}")
     med, env = summary["median"], summary["environment"]
     return {"model": model, "precision": precision, "micro_batch_size": micro_batch,
             "tokens_per_step": env["tokens_per_step"], "step_ms": 1e3 * med["perf/step_s"],

@@ -12,7 +12,6 @@ machine cannot run raises systems.capabilities.Unavailable naming what is missin
 """
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -47,9 +46,8 @@ class FusionConfig:
                                  f"{sorted(IMPLEMENTATIONS[op]) + ['auto']}")
 
 
-@functools.cache
 def _compiled(fn: Callable) -> Callable:
-    # One compiled function per reference op, shared by every layer (dynamo caches per shape).
+    # Every layer shares the compiled function; dynamo caches graphs per code object and input shapes.
     return torch.compile(fn)
 
 
@@ -60,8 +58,14 @@ REFERENCE = {"attention": eager_attention, "rmsnorm": rms_norm, "swiglu": swiglu
 IMPLEMENTATIONS: dict[str, dict[str, tuple[Callable[[], Callable], Callable[[str], str | None]]]] = {
     op: {"eager": (lambda op=op: REFERENCE[op], lambda device: None),
          "compiled": (lambda op=op: _compiled(REFERENCE[op]), lambda device: None)}
-    for op in ("rmsnorm", "swiglu", "rope", "loss")
+    for op in ("rmsnorm", "swiglu", "rope")
 }
+# A compiled loss is compiled last, by apply_compile, around whatever splitting made of it: a chunked loss then
+# becomes one graph whose recomputation the compiler plans. A compiled loss called inside chunked CE's runtime
+# checkpoints saved different tensors in forward and in recomputation whenever saved-tensor hooks (the activation
+# meter) were active: torch.utils.checkpoint.CheckpointError "Recomputed values ... have different metadata".
+IMPLEMENTATIONS["loss"] = {"eager": (lambda: cross_entropy_loss, lambda device: None),
+                           "compiled": (lambda: cross_entropy_loss, lambda device: None)}
 IMPLEMENTATIONS["attention"] = {"eager": (lambda: eager_attention, lambda device: None),
                                 "sdpa": (lambda: sdpa_attention, lambda device: None),
                                 "flash": (lambda: kernels.flash_attention, kernels.flash_unavailable)}
@@ -112,9 +116,11 @@ def apply_fusion(model: nn.Module, cfg: FusionConfig, *, device: str, compute_dt
     return chosen
 
 
-def apply_compile(model: nn.Module, cfg: FusionConfig) -> None:
-    """torch.compile each decoder layer in place (parameter names unchanged). Must run after apply_splitting,
-    so the compiled graph contains the recomputation boundaries."""
+def apply_compile(model: nn.Module, cfg: FusionConfig, chosen: dict[str, str]) -> None:
+    """torch.compile whole decoder layers (in place: parameter names unchanged) and a compiled loss. Runs after
+    apply_splitting, so the compiled graphs contain the recomputation boundaries."""
     if cfg.compile_layers:
         for layer in model.model.layers:
             layer.compile()
+    if chosen["loss"] == "compiled":
+        model.loss_fn = _compiled(model.loss_fn)

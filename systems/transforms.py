@@ -7,7 +7,7 @@
                       re-runs the fp8 layers, and before compile, so the compiled graph sees the fp8 casts.
     apply_splitting   chunking and recomputation (checkpoint boundaries). Before compile: torch.compile must
                       trace the checkpoint boundaries, not have them wrapped around already-compiled code.
-    apply_compile     torch.compile of whole decoder layers, last.
+    apply_compile     torch.compile of whole decoder layers and of the (possibly chunked) loss, last.
 The engine (DDP, ...) wraps the result afterwards.
 """
 from __future__ import annotations
@@ -25,5 +25,5 @@ def transform_model(model: nn.Module, *, fusion: FusionConfig, splitting: Splitt
     chosen = apply_fusion(model, fusion, device=device_type, compute_dtype=precision.compute_dtype)
     precision.apply(model)
     apply_splitting(model, splitting)
-    apply_compile(model, fusion)
+    apply_compile(model, fusion, chosen)
     return chosen

@@ -102,3 +102,27 @@ def test_hfu_counts_chunked_ce_and_tiled_mlp_recomputation():
     base = flops_per_token(**shape)["palm"]
     rec = Recompute(**SplittingConfig(chunked_ce=True, tiled_mlp=True).recomputed())
     assert flops_per_token(**shape, recompute=rec)["hfu"] == base + 2 * 1024 * 64 + 2 * 2 * 3 * 64 * 172
+
+
+def test_compiled_operators_with_splitting_under_the_meter():
+    # Regression: a compiled loss called inside chunked CE's checkpoints, with the meter's saved-tensor hooks
+    # active, saved different tensors in forward and recomputation (CheckpointError). The loss is now compiled
+    # around the chunked loss (systems.fusion.apply_compile).
+    from systems.precision import Precision
+    from systems.transforms import transform_model
+
+    compiled = FusionConfig(attention="sdpa", rmsnorm="compiled", swiglu="compiled", rope="compiled", loss="compiled")
+    saved = {}
+    for name, splitting in {"none": SplittingConfig(), "all": SplittingConfig(
+            chunked_ce=True, ce_chunk_tokens=48, tiled_mlp=True, mlp_tile_tokens=48, recompute_attention=True)}.items():
+        torch.manual_seed(0)
+        model = build_model(CFG)
+        transform_model(model, fusion=compiled, splitting=splitting, precision=Precision(), device_type="cpu")
+        meter = SavedTensorMeter(model.parameters())
+        for _ in range(2):
+            idx = torch.randint(0, CFG.vocab_size, (2, 65))
+            with meter:
+                loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+        saved[name] = meter.last_bytes
+    assert 0 < saved["all"] < saved["none"]
