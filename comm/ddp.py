@@ -25,13 +25,15 @@ class DDPConfig:
     static_graph: bool = False  # the graph is the same every step (lets DDP skip unused-parameter search)
 
     def build(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, grad_clip: float,
-              device: torch.device, scaler: torch.amp.GradScaler) -> "DDPEngine":
-        return DDPEngine(model, optimizer, scheduler, cfg=self, grad_clip=grad_clip, device=device, scaler=scaler)
+              device: torch.device, scaler: torch.amp.GradScaler, comm_hook=None) -> "DDPEngine":
+        return DDPEngine(model, optimizer, scheduler, cfg=self, grad_clip=grad_clip, device=device, scaler=scaler,
+                         comm_hook=comm_hook)
 
 
 class DDPEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, cfg: DDPConfig,
-                 grad_clip: float, device: torch.device, scaler: torch.amp.GradScaler):
+                 grad_clip: float, device: torch.device, scaler: torch.amp.GradScaler, comm_hook=None):
+        """comm_hook: (hook, state) from comm.hooks.build_comm_hook, or None for DDP's native all-reduce."""
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.raw = model
         self.model = model
@@ -39,6 +41,11 @@ class DDPEngine:
             self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                              bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph,
                              gradient_as_bucket_view=cfg.gradient_as_bucket_view)
+        self.comm_state = None
+        if self.distributed and comm_hook is not None:
+            hook, self.comm_state = comm_hook
+            self.model.register_comm_hook(self.comm_state, hook)
+        self.bucket_bytes = int(cfg.bucket_cap_mb * 2**20)
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
         self.scaler = scaler  # a disabled GradScaler passes everything through
         self.skipped_steps = 0
@@ -84,7 +91,10 @@ class DDPEngine:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": grad_norm.item(), "lr": lr, "loss_scale": scale, "skipped_steps": self.skipped_steps}
+        stats = {"grad_norm": grad_norm.item(), "lr": lr, "loss_scale": scale, "skipped_steps": self.skipped_steps}
+        if self.comm_state is not None:
+            stats.update(self.comm_state.step_stats(), **{"comm/bucket_bytes": self.bucket_bytes})
+        return stats
 
 
 def parameter_digest(module: nn.Module) -> str:

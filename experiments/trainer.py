@@ -30,6 +30,9 @@ from analysis.metrics import MetricsProcessor
 from analysis.peaks import Peak, calibrate_cpu_peak, gpu_peak
 from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
 from comm.ddp import DDPConfig, replica_digests
+from comm.hooks import AlgorithmConfig, OverlapConfig, build_comm_hook
+from comm.slowlink import LinkConfig, SlowLink
+from comm.topology import TopologyConfig, build_groups, discover_topology
 from experiments.config import ConfigError, plain, typed
 from experiments.dist import DistInfo, dist_info
 from systems.data import DataConfig, build_data, resolve_cache_dir
@@ -174,6 +177,10 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     engine_cfg: DDPConfig = typed(cfg.engine, "engine")
     fusion = typed(cfg.fusion, "fusion", FusionConfig)
     splitting = typed(cfg.splitting, "splitting", SplittingConfig)
+    topology_cfg = typed(cfg.comm.topology, "comm.topology", TopologyConfig)
+    algorithm = typed(cfg.comm.algorithm, "comm.algorithm", AlgorithmConfig)
+    overlap = typed(cfg.comm.overlap, "comm.overlap", OverlapConfig)
+    link = SlowLink(typed(cfg.comm.link, "comm.link", LinkConfig))
     if train.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
                           "lower train.seq_len or raise model.max_seq_len")
@@ -194,8 +201,12 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                               device_type=device.type)
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, train.steps)
+    comm_hook, topology = None, None
+    if info.world_size > 1:  # collectives: every rank discovers and builds the same groups
+        topology = discover_topology(topology_cfg)
+        comm_hook = build_comm_hook(algorithm, overlap, build_groups(topology), link)
     engine = engine_cfg.build(model, optimizer, scheduler, grad_clip=optim_cfg.grad_clip, device=device,
-                              scaler=precision.make_scaler(device.type))
+                              scaler=precision.make_scaler(device.type), comm_hook=comm_hook)
 
     dtype = precision.peak_dtype(device.type)
     peak = measure_peak(hw, device, dtype, info)
@@ -216,6 +227,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         "micro_batch_size": train.micro_batch_size, "grad_accum_steps": train.grad_accum_steps,
         "precision": precision.compute_dtype, "loss_scaling": precision.loss_scaling, "kernels": kernels,
         "compile_layers": fusion.compile_layers, "splitting": splitting.__dict__, "capabilities": capabilities.summary(),
+        "topology": topology.describe() if topology else "1 rank", "comm_algorithm": algorithm.name,
+        "overlap": overlap.enabled, "bucket_bytes": engine.bucket_bytes,
     }
     sinks = []
     if info.is_main:
@@ -268,7 +281,8 @@ def train_loop(run: Run) -> dict[str, Any]:
                          mem_peak_bytes=run.peak_memory(),
                          extra={"mem/activation_bytes": run.meter.peak_bytes,
                                 "precision/loss_scale": stats["loss_scale"],
-                                "precision/skipped_steps": stats["skipped_steps"]})
+                                "precision/skipped_steps": stats["skipped_steps"],
+                                **{k: v for k, v in stats.items() if k.startswith("comm/")}})
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     bar.close()
     summary = run.metrics.summary(run.environment)
