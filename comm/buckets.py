@@ -1,0 +1,253 @@
+"""Gradient bucket size policies: how many bytes DDP packs into one all-reduce.
+
+Start at ``choose_bucket_bytes``: it turns a ``BucketConfig`` into a ``BucketChoice`` (the size, the policy and
+one readable line saying why, which it logs). Three policies:
+
+    fixed       bucket_cap_mb, as DDP takes it (torch's default 25 MiB)
+    gpu_count   max(min_elements, elements_per_rank x data-parallel size) elements: Megatron-core's rule
+                (40M, 1M per rank), so the bucket grows once there are more than 40 ranks
+    cost_model  measure the process group's latency alpha and inverse bandwidth beta at start-up
+                (``measure_alpha_beta``), then take the candidate size with the least predicted exposed
+                communication (``predict_exposed_s``, ``best_candidate``)
+
+Why hand-written rather than DDP's constant: the bucket size is a research knob of its own. Small buckets pay
+the per-collective latency alpha many times and, once the communication stream falls behind the backward
+pass, those alphas queue up; big buckets reduce in few collectives but the last one cannot start before the
+backward pass ends, so its whole transfer is exposed. The best size depends on the link (alpha, beta), the
+gradient volume and the backward time, which is what the cost model measures instead of guessing.
+
+Limits of the cost model: gradients are assumed to become ready at a uniform rate over the backward pass,
+communication is assumed not to slow the compute, and one bucket is reduced at a time (DDP's and chuanliu's
+hooks both reduce buckets in order on one stream or thread).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("fixed", "gpu_count", "cost_model")
+MIB = 2**20
+
+# Baichuan-7B trained with DeepSpeed's reduce_bucket_size = 1e8 *elements*. A ``fixed`` preset reproduces it with
+# bucket_cap_mb = 1e8 x element bytes / 2**20: 190.73 MiB for bf16 gradients (x 2 bytes), 381.47 MiB for fp32.
+baichuan_reduce_bucket_elements = 100_000_000
+
+
+def _default_candidates_mb() -> list[float]:
+    return [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
+
+
+def _default_probe_sizes_kb() -> list[int]:
+    return [4, 64, 1024, 8192]
+
+
+@dataclass(kw_only=True)
+class BucketConfig:
+    policy: str = "fixed"  # fixed | gpu_count | cost_model
+    bucket_cap_mb: float = 25.0  # fixed: DDP's bucket_cap_mb (MiB, 2**20 bytes)
+    # gpu_count: max(min_elements, elements_per_rank x data-parallel size) elements (Megatron-core's rule)
+    min_elements: int = 40_000_000
+    elements_per_rank: int = 1_000_000  # gpu_count: elements added per data-parallel rank
+    # cost_model: bucket sizes considered (MiB); any above the total gradient size count as one bucket
+    candidates_mb: list[float] = field(default_factory=_default_candidates_mb)
+    # cost_model: all-reduce sizes (KiB) timed to fit alpha and beta; at least two different sizes
+    probe_sizes_kb: list[int] = field(default_factory=_default_probe_sizes_kb)
+    probe_iters: int = 5  # cost_model: timed all-reduces per probe size (the median counts)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"comm.bucket.policy={self.policy!r} is unknown; use one of {', '.join(POLICIES)}.")
+        _check_positive("bucket_cap_mb", self.bucket_cap_mb)
+        _check_positive("min_elements", self.min_elements)
+        _check_positive("elements_per_rank", self.elements_per_rank)
+        _check_positive("probe_iters", self.probe_iters)
+        if not self.candidates_mb or min(self.candidates_mb) <= 0:
+            raise ValueError(f"comm.bucket.candidates_mb={list(self.candidates_mb)} must be a non-empty list of "
+                             "positive sizes in MiB; set e.g. [1, 4, 16, 64].")
+        if min(self.probe_sizes_kb, default=0) <= 0 or len(set(self.probe_sizes_kb)) < 2:
+            raise ValueError(f"comm.bucket.probe_sizes_kb={list(self.probe_sizes_kb)} needs at least two different "
+                             "positive sizes in KiB to fit latency and bandwidth; set e.g. [4, 64, 1024, 8192].")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"comm.bucket.{key}={value} must be positive; set comm.bucket.{key} to a value above 0.")
+
+
+@dataclass
+class BucketChoice:
+    bucket_bytes: int  # what DDP gets: bucket_cap_mb = bucket_bytes / 2**20
+    policy: str  # the policy that chose it
+    reason: str  # one readable line for the log
+    alpha_s: float | None = None  # cost_model: measured latency per all-reduce (seconds)
+    beta_s_per_byte: float | None = None  # cost_model: measured seconds per byte
+    predicted_exposed_s: float | None = None  # cost_model: predicted exposed communication per step
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- measuring the link
+
+def measure_alpha_beta(reduce: Callable[[torch.Tensor], None], sizes_bytes: list[int],
+                       iters: int) -> tuple[float, float]:
+    """Fit t = alpha + beta * bytes to timed in-place all-reduces of float32 tensors of each size.
+
+    ``reduce`` is the collective the run will use (``comm.hierarchical.flat_all_reduce`` or a hook's own
+    reduce, so an emulated slow link is included). Each size is warmed up once, then timed ``iters`` times
+    (after a barrier when a process group exists; the median counts). Collective: every rank must call it, and
+    every rank gets the same pair (the element-wise maximum over ranks).
+    """
+    medians = [_median_reduce_s(reduce, n, iters) for n in sizes_bytes]
+    alpha, beta = _fit_nonnegative([float(n) for n in sizes_bytes], medians)
+    return _agree_across_ranks(alpha, beta)
+
+
+def _median_reduce_s(reduce: Callable[[torch.Tensor], None], n_bytes: int, iters: int) -> float:
+    tensor = torch.zeros(max(1, n_bytes // 4), dtype=torch.float32)  # zeros stay zeros however often summed
+    reduce(tensor)  # warm-up: first-use allocations and connection set-up are not the link's cost
+    times = []
+    for _ in range(iters):
+        if _distributed():
+            dist.barrier()  # start together, so no rank's wait for a late peer counts as transfer time
+        t0 = time.perf_counter()
+        reduce(tensor)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fit_nonnegative(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least squares of y = alpha + beta * x with alpha, beta >= 0 (a negative one is 0, the other refit)."""
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    sxx = sum((xi - mx) ** 2 for xi in x)
+    beta = sum((xi - mx) * (yi - my) for xi, yi in zip(x, y)) / sxx
+    alpha = my - beta * mx
+    if beta < 0:  # time did not grow with size: latency only
+        return max(0.0, my), 0.0
+    if alpha < 0:  # through the origin: bandwidth only
+        return 0.0, max(0.0, sum(xi * yi for xi, yi in zip(x, y)) / sum(xi * xi for xi in x))
+    return alpha, beta
+
+
+def _agree_across_ranks(alpha: float, beta: float) -> tuple[float, float]:
+    # Every rank must pick the same bucket size, or DDP's buckets (and collectives) would not match.
+    if not _distributed():
+        return alpha, beta
+    pair = torch.tensor([alpha, beta], dtype=torch.float64)
+    dist.all_reduce(pair, op=dist.ReduceOp.MAX)
+    return float(pair[0]), float(pair[1])
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# ---------------------------------------------------------------- the cost model
+
+def predict_exposed_s(bucket_bytes: int, *, grad_bytes: int, backward_s: float, alpha_s: float,
+                      beta_s_per_byte: float) -> float:
+    """Communication left after the backward pass when gradients are reduced in buckets of ``bucket_bytes``.
+
+    A deterministic simulation of DDP with overlap: k = ceil(grad_bytes / bucket_bytes) buckets (the last one
+    smaller); gradients are produced at a uniform rate over ``backward_s``, so bucket i is ready when its last
+    byte is, at backward_s x (bytes up to and including bucket i) / grad_bytes; buckets are reduced one at a
+    time, done_i = max(ready_i, done_{i-1}) + alpha + beta x size_i. Exposed = done_last - backward_s (>= 0).
+
+    The trade-off: small buckets start early and leave only a small last bucket, but pay alpha per bucket, and
+    once communication falls behind the compute those alphas queue up and become exposed; big buckets pay few
+    alphas, but the last bucket's reduction (alpha + beta x its size) cannot start before the backward pass
+    ends, so it is exposed whole. One bucket of everything exposes alpha + beta x grad_bytes.
+    """
+    k = math.ceil(grad_bytes / bucket_bytes)
+    done = 0.0
+    for i in range(k):
+        end = min(grad_bytes, (i + 1) * bucket_bytes)  # bytes up to and including bucket i
+        ready = backward_s * end / grad_bytes
+        done = max(ready, done) + alpha_s + beta_s_per_byte * (end - i * bucket_bytes)
+    return max(0.0, done - backward_s)
+
+
+def best_candidate(cfg: BucketConfig, *, grad_bytes: int, backward_s: float, alpha_s: float,
+                   beta_s_per_byte: float) -> tuple[int, float]:
+    """The candidate size (capped at ``grad_bytes``) with the least predicted exposed time; ties -> larger."""
+    sizes = sorted({min(int(mb * MIB), grad_bytes) for mb in cfg.candidates_mb}, reverse=True)
+    predicted = [predict_exposed_s(b, grad_bytes=grad_bytes, backward_s=backward_s, alpha_s=alpha_s,
+                                   beta_s_per_byte=beta_s_per_byte) for b in sizes]
+    best = min(range(len(sizes)), key=lambda i: predicted[i])  # min keeps the first, i.e. the largest, on ties
+    return sizes[best], predicted[best]
+
+
+# ---------------------------------------------------------------- the policies
+
+def choose_bucket_bytes(cfg: BucketConfig, *, grad_elements: int, grad_element_bytes: int, world_size: int,
+                        backward_s: float | None = None,
+                        reduce: Callable[[torch.Tensor], None] | None = None) -> BucketChoice:
+    """The bucket size ``cfg.policy`` gives for this model and process group; logged with its reason.
+
+    grad_elements: gradient elements DDP reduces (the trainable parameters); grad_element_bytes: their size
+    (4 for fp32 gradients, 2 for bf16); world_size: the data-parallel size. cost_model only: backward_s, the
+    backward pass's time, and reduce, the in-place all-reduce to time (collective: every rank calls this).
+    """
+    if cfg.policy not in _POLICY_FNS:
+        raise ValueError(f"comm.bucket.policy={cfg.policy!r} is unknown; use one of {', '.join(POLICIES)}.")
+    if grad_elements <= 0 or grad_element_bytes <= 0 or world_size < 1:
+        raise ValueError(f"bucket sizing needs a model with gradients on at least one rank, got grad_elements="
+                         f"{grad_elements}, grad_element_bytes={grad_element_bytes}, world_size={world_size}.")
+    choice = _POLICY_FNS[cfg.policy](cfg, grad_elements=grad_elements, grad_element_bytes=grad_element_bytes,
+                                     world_size=world_size, backward_s=backward_s, reduce=reduce)
+    log.info("gradient buckets: %s", choice.reason)
+    return choice
+
+
+def _fixed(cfg: BucketConfig, **_) -> BucketChoice:
+    n = int(cfg.bucket_cap_mb * MIB)
+    return BucketChoice(bucket_bytes=n, policy="fixed",
+                        reason=f"fixed: bucket_cap_mb={cfg.bucket_cap_mb:g} = {n:,} bytes = {n / MIB:.1f} MiB")
+
+
+def _gpu_count(cfg: BucketConfig, *, grad_element_bytes: int, world_size: int, **_) -> BucketChoice:
+    elements = max(cfg.min_elements, cfg.elements_per_rank * world_size)
+    n = elements * grad_element_bytes
+    reason = (f"gpu_count: max({_short(cfg.min_elements)}, {_short(cfg.elements_per_rank)} x {world_size}) = "
+              f"{elements:,} elements x {grad_element_bytes} B = {n / MIB:.1f} MiB")
+    return BucketChoice(bucket_bytes=n, policy="gpu_count", reason=reason)
+
+
+def _cost_model(cfg: BucketConfig, *, grad_elements: int, grad_element_bytes: int, world_size: int,
+                backward_s: float | None, reduce: Callable[[torch.Tensor], None] | None) -> BucketChoice:
+    if world_size == 1:
+        raise ValueError("comm.bucket.policy=cost_model needs several processes to measure; use fixed.")
+    if reduce is None:
+        raise ValueError("comm.bucket.policy=cost_model needs the all-reduce to time (pass reduce=, e.g. "
+                         "comm.hierarchical.flat_all_reduce); or use fixed.")
+    if backward_s is None or not backward_s >= 0:
+        raise ValueError(f"comm.bucket.policy=cost_model needs the backward time (backward_s={backward_s}); "
+                         "pass a measured value >= 0 or use fixed.")
+    alpha, beta = measure_alpha_beta(reduce, [kb * 1024 for kb in cfg.probe_sizes_kb], cfg.probe_iters)
+    grad_bytes = grad_elements * grad_element_bytes
+    n, exposed = best_candidate(cfg, grad_bytes=grad_bytes, backward_s=backward_s, alpha_s=alpha,
+                                beta_s_per_byte=beta)
+    capped = " (capped at the total)" if n == grad_bytes and n < max(cfg.candidates_mb) * MIB else ""
+    gbps = f"{1e-9 / beta:.2f} GB/s" if beta > 0 else "unlimited bandwidth"
+    reason = (f"cost_model: alpha {alpha * 1e6:.1f} us, {gbps}; {n / MIB:.2f} MiB{capped} minimises predicted "
+              f"exposed comm ({exposed * 1e3:.2f} ms) for {grad_bytes / MIB:.1f} MiB of gradients and a "
+              f"{backward_s * 1e3:.1f} ms backward")
+    return BucketChoice(bucket_bytes=n, policy="cost_model", reason=reason, alpha_s=alpha,
+                        beta_s_per_byte=beta, predicted_exposed_s=exposed)
+
+
+def _short(n: int) -> str:
+    return f"{n / 1e6:g}M" if n % 100_000 == 0 else f"{n:,}"
+
+
+_POLICY_FNS = {"fixed": _fixed, "gpu_count": _gpu_count, "cost_model": _cost_model}
