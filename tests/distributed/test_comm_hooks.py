@@ -7,16 +7,13 @@ final parameters (the hooks must train the same model as native DDP) and the exp
 import datetime
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.distributed.test_ddp_replicas import _free_port
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port, spawn
 
 COMMON = ["train.steps=3", "logging=disabled", "train.micro_batch_size=8",
           "engine.bucket_cap_mb=0.5"]  # tiny has ~5.5 MB of fp32 grads: about a dozen buckets
@@ -54,21 +51,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cache: str) -> None:
     dist.destroy_process_group()
 
 
-def _spawn(world: int, out: Path) -> None:
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out), os.environ["CHUANLIU_CACHE"]),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"world {world}: workers did not finish within 240 s")
-
-
 @pytest.fixture(scope="module", params=[4, 3], ids=["world4_uniform_nodes", "world3_uneven_nodes"])
 def job(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"w{request.param}")
-    _spawn(request.param, out)
+    spawn(_worker, (request.param, free_port(), str(out), os.environ["CHUANLIU_CACHE"]), request.param, 240)
     return request.param, out
 
 

@@ -1,23 +1,14 @@
 """Two real processes (gloo) train through the trainer; the test itself compares their parameters."""
 import datetime
 import os
-import socket
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port, spawn
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out_dir: str, cache: str) -> None:
@@ -41,15 +32,7 @@ def _worker(rank: int, port: int, out_dir: str, cache: str) -> None:
 
 
 def test_ddp_with_gradient_accumulation_keeps_replicas_identical(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), os.environ["CHUANLIU_CACHE"]),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
-    # join() returns False each time one process exits while others still run, and raises if one failed.
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError("DDP workers did not finish within 180 s")
+    spawn(_worker, (free_port(), str(tmp_path), os.environ["CHUANLIU_CACHE"]), WORLD, timeout_s=180)
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for name, p0 in states[0]["final"].items():
         assert torch.equal(p0, states[1]["final"][name]), name

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from comm.hierarchical import build_groups, flat_all_reduce, hierarchical_all_reduce
 from comm.slowlink import LinkConfig, SlowLink, flat_inter_node_delay, hierarchical_inter_node_delay
 from comm.topology import Topology, TopologyConfig, discover_topology
 from comm.topology import build_groups as topology_build_groups
+from tests.helpers import free_port, spawn
 
 SIZES = (0, 1, 7, 1000, 4097)
 KINDS = ("int64", "int32", "float32_ints", "float32_random", "int64_noncontiguous")
@@ -148,12 +147,6 @@ def test_a_world_of_one_with_a_process_group():
 
 # ---------------------------------------------------------------- real processes
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_data(kind: str, size: int, rank: int) -> torch.Tensor:
     """Rank ``rank``'s input; every rank rebuilds all the others', so each computes the exact sum itself."""
     g = torch.Generator().manual_seed(10_000 * size + 100 * KINDS.index(kind) + rank)
@@ -272,13 +265,5 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_collectives(world, tmp_path):
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    # join() returns False each time one process exits while others still run, and raises if one failed.
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"{world} workers did not finish within 120 s")
+    spawn(_worker, (world, free_port(), str(tmp_path)), world, timeout_s=120)
     assert sorted(p.name for p in tmp_path.glob("*.ok")) == [f"rank{r}.ok" for r in range(world)]
