@@ -1,7 +1,7 @@
 """Gradient bucket size policies: how many bytes DDP packs into one all-reduce.
 
-Start at ``choose_bucket_bytes``: it turns a ``BucketConfig`` into a ``BucketChoice`` (the size, the policy and
-one readable line saying why, which it logs). Three policies:
+Start at ``choose_bucket_bytes``: it turns a ``BucketConfig`` into a ``BucketChoice`` (the size, the policy
+and one readable line saying why, which it logs). Three policies:
 
     fixed       bucket_cap_mb, as DDP takes it (torch's default 25 MiB)
     gpu_count   max(min_elements, elements_per_rank x data-parallel size) elements: Megatron-core's rule
@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 POLICIES = ("fixed", "gpu_count", "cost_model")
 MIB = 2**20
 
-# Baichuan-7B trained with DeepSpeed's reduce_bucket_size = 1e8 *elements*. A ``fixed`` preset reproduces it with
-# bucket_cap_mb = 1e8 x element bytes / 2**20: 190.73 MiB for bf16 gradients (x 2 bytes), 381.47 MiB for fp32.
+# Baichuan-7B trained with DeepSpeed's reduce_bucket_size = 1e8 *elements*. A ``fixed`` preset reproduces it
+# with bucket_cap_mb = 1e8 x element bytes / 2**20: 190.73 MiB for bf16 gradients (2 bytes), 381.47 for fp32.
 baichuan_reduce_bucket_elements = 100_000_000
 
 
@@ -66,22 +66,25 @@ class BucketConfig:
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise ValueError(f"comm.bucket.policy={self.policy!r} is unknown; use one of {', '.join(POLICIES)}.")
+            raise ValueError(f"comm.bucket.policy={self.policy!r} is unknown; use one of "
+                             f"{', '.join(POLICIES)}.")
         _check_positive("bucket_cap_mb", self.bucket_cap_mb)
         _check_positive("min_elements", self.min_elements)
         _check_positive("elements_per_rank", self.elements_per_rank)
         _check_positive("probe_iters", self.probe_iters)
         if not self.candidates_mb or min(self.candidates_mb) <= 0:
-            raise ValueError(f"comm.bucket.candidates_mb={list(self.candidates_mb)} must be a non-empty list of "
-                             "positive sizes in MiB; set e.g. [1, 4, 16, 64].")
+            raise ValueError(f"comm.bucket.candidates_mb={list(self.candidates_mb)} must be a non-empty list "
+                             "of positive sizes in MiB; set e.g. [1, 4, 16, 64].")
         if min(self.probe_sizes_kb, default=0) <= 0 or len(set(self.probe_sizes_kb)) < 2:
-            raise ValueError(f"comm.bucket.probe_sizes_kb={list(self.probe_sizes_kb)} needs at least two different "
-                             "positive sizes in KiB to fit latency and bandwidth; set e.g. [4, 64, 1024, 8192].")
+            raise ValueError(f"comm.bucket.probe_sizes_kb={list(self.probe_sizes_kb)} needs at least two "
+                             "different positive sizes in KiB to fit latency and bandwidth; set e.g. "
+                             "[4, 64, 1024, 8192].")
 
 
 def _check_positive(key: str, value: float) -> None:
     if not value > 0:
-        raise ValueError(f"comm.bucket.{key}={value} must be positive; set comm.bucket.{key} to a value above 0.")
+        raise ValueError(f"comm.bucket.{key}={value} must be positive; set comm.bucket.{key} to a value "
+                         "above 0.")
 
 
 @dataclass
@@ -168,6 +171,8 @@ def predict_exposed_s(bucket_bytes: int, *, grad_bytes: int, backward_s: float, 
     alphas, but the last bucket's reduction (alpha + beta x its size) cannot start before the backward pass
     ends, so it is exposed whole. One bucket of everything exposes alpha + beta x grad_bytes.
     """
+    if bucket_bytes <= 0 or grad_bytes <= 0:
+        raise ValueError(f"bucket_bytes={bucket_bytes} and grad_bytes={grad_bytes} must both be positive.")
     k = math.ceil(grad_bytes / bucket_bytes)
     done = 0.0
     for i in range(k):
@@ -183,7 +188,7 @@ def best_candidate(cfg: BucketConfig, *, grad_bytes: int, backward_s: float, alp
     sizes = sorted({min(int(mb * MIB), grad_bytes) for mb in cfg.candidates_mb}, reverse=True)
     predicted = [predict_exposed_s(b, grad_bytes=grad_bytes, backward_s=backward_s, alpha_s=alpha_s,
                                    beta_s_per_byte=beta_s_per_byte) for b in sizes]
-    best = min(range(len(sizes)), key=lambda i: predicted[i])  # min keeps the first, i.e. the largest, on ties
+    best = min(range(len(sizes)), key=lambda i: predicted[i])  # min keeps the first (the largest) on ties
     return sizes[best], predicted[best]
 
 
@@ -201,8 +206,9 @@ def choose_bucket_bytes(cfg: BucketConfig, *, grad_elements: int, grad_element_b
     if cfg.policy not in _POLICY_FNS:
         raise ValueError(f"comm.bucket.policy={cfg.policy!r} is unknown; use one of {', '.join(POLICIES)}.")
     if grad_elements <= 0 or grad_element_bytes <= 0 or world_size < 1:
-        raise ValueError(f"bucket sizing needs a model with gradients on at least one rank, got grad_elements="
-                         f"{grad_elements}, grad_element_bytes={grad_element_bytes}, world_size={world_size}.")
+        raise ValueError(f"bucket sizing needs gradients and ranks: got grad_elements={grad_elements}, "
+                         f"grad_element_bytes={grad_element_bytes}, world_size={world_size}; pass positive "
+                         "counts.")
     choice = _POLICY_FNS[cfg.policy](cfg, grad_elements=grad_elements, grad_element_bytes=grad_element_bytes,
                                      world_size=world_size, backward_s=backward_s, reduce=reduce)
     log.info("gradient buckets: %s", choice.reason)
@@ -211,8 +217,8 @@ def choose_bucket_bytes(cfg: BucketConfig, *, grad_elements: int, grad_element_b
 
 def _fixed(cfg: BucketConfig, **_) -> BucketChoice:
     n = int(cfg.bucket_cap_mb * MIB)
-    return BucketChoice(bucket_bytes=n, policy="fixed",
-                        reason=f"fixed: bucket_cap_mb={cfg.bucket_cap_mb:g} = {n:,} bytes = {n / MIB:.1f} MiB")
+    reason = f"fixed: bucket_cap_mb={cfg.bucket_cap_mb:g} = {n:,} bytes = {n / MIB:.1f} MiB"
+    return BucketChoice(bucket_bytes=n, policy="fixed", reason=reason)
 
 
 def _gpu_count(cfg: BucketConfig, *, grad_element_bytes: int, world_size: int, **_) -> BucketChoice:
@@ -239,9 +245,9 @@ def _cost_model(cfg: BucketConfig, *, grad_elements: int, grad_element_bytes: in
                                 beta_s_per_byte=beta)
     capped = " (capped at the total)" if n == grad_bytes and n < max(cfg.candidates_mb) * MIB else ""
     gbps = f"{1e-9 / beta:.2f} GB/s" if beta > 0 else "unlimited bandwidth"
-    reason = (f"cost_model: alpha {alpha * 1e6:.1f} us, {gbps}; {n / MIB:.2f} MiB{capped} minimises predicted "
-              f"exposed comm ({exposed * 1e3:.2f} ms) for {grad_bytes / MIB:.1f} MiB of gradients and a "
-              f"{backward_s * 1e3:.1f} ms backward")
+    reason = (f"cost_model: alpha {alpha * 1e6:.1f} us, {gbps}; {n / MIB:.2f} MiB{capped} minimises "
+              f"predicted exposed comm ({exposed * 1e3:.2f} ms) for {grad_bytes / MIB:.1f} MiB of gradients "
+              f"and a {backward_s * 1e3:.1f} ms backward")
     return BucketChoice(bucket_bytes=n, policy="cost_model", reason=reason, alpha_s=alpha,
                         beta_s_per_byte=beta, predicted_exposed_s=exposed)
 

@@ -20,32 +20,34 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 @dataclass(kw_only=True)
 class DDPConfig:
-    bucket_cap_mb: float = 25.0  # gradient bucket size (torch's default 25 MB)
     gradient_as_bucket_view: bool = True  # grads alias the buckets: one copy fewer
     static_graph: bool = False  # the graph is the same every step (lets DDP skip unused-parameter search)
 
     def build(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, grad_clip: float,
-              device: torch.device, scaler: torch.amp.GradScaler, comm_hook=None) -> "DDPEngine":
+              device: torch.device, scaler: torch.amp.GradScaler, bucket_bytes: int = 25 * 2**20,
+              comm_hook=None) -> "DDPEngine":
         return DDPEngine(model, optimizer, scheduler, cfg=self, grad_clip=grad_clip, device=device, scaler=scaler,
-                         comm_hook=comm_hook)
+                         bucket_bytes=bucket_bytes, comm_hook=comm_hook)
 
 
 class DDPEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, cfg: DDPConfig,
-                 grad_clip: float, device: torch.device, scaler: torch.amp.GradScaler, comm_hook=None):
-        """comm_hook: (hook, state) from comm.hooks.build_comm_hook, or None for DDP's native all-reduce."""
+                 grad_clip: float, device: torch.device, scaler: torch.amp.GradScaler, bucket_bytes: int,
+                 comm_hook=None):
+        """bucket_bytes: from a comm.buckets policy. comm_hook: (hook, state) from comm.hooks.build_comm_hook, or
+        None for DDP's native all-reduce."""
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.raw = model
         self.model = model
         if self.distributed:
             self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                             bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph,
+                             bucket_cap_mb=bucket_bytes / 2**20, static_graph=cfg.static_graph,
                              gradient_as_bucket_view=cfg.gradient_as_bucket_view)
         self.comm_state = None
         if self.distributed and comm_hook is not None:
             hook, self.comm_state = comm_hook
             self.model.register_comm_hook(self.comm_state, hook)
-        self.bucket_bytes = int(cfg.bucket_cap_mb * 2**20)
+        self.bucket_bytes = bucket_bytes
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
         self.scaler = scaler  # a disabled GradScaler passes everything through
         self.skipped_steps = 0

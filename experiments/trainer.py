@@ -29,7 +29,9 @@ from analysis.flops import Recompute, flops_per_token, matmul_params, total_para
 from analysis.metrics import MetricsProcessor
 from analysis.peaks import Peak, calibrate_cpu_peak, gpu_peak
 from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
+from comm.buckets import BucketConfig, choose_bucket_bytes
 from comm.ddp import DDPConfig, replica_digests
+from comm.hierarchical import flat_all_reduce
 from comm.hooks import AlgorithmConfig, OverlapConfig, build_comm_hook
 from comm.slowlink import LinkConfig, SlowLink
 from comm.topology import TopologyConfig, build_groups, discover_topology
@@ -145,6 +147,18 @@ def measure_peak(hw: HardwareConfig, device: torch.device, dtype: str, info: Dis
     return peak or calibrate_cpu_peak(dtype, resolve_cache_dir(hw.cache_dir))
 
 
+# Fraction of the peak a backward pass is assumed to reach when the cost-model bucket policy needs its duration
+# before any step has run: `small` trains at 70-80% of the measured peak on a CPU (docs/benchmarks.md).
+BACKWARD_EFFICIENCY = 0.6
+
+
+def estimate_backward_s(fpt: dict[str, float], tokens_per_rank: int, peak: Peak) -> float | None:
+    """Backward time of one step per rank: 2/3 of the step's hardware FLOPs at BACKWARD_EFFICIENCY of the peak."""
+    if peak.flops is None:
+        return None
+    return (2 / 3) * fpt["hfu"] * tokens_per_rank / (BACKWARD_EFFICIENCY * peak.flops)
+
+
 def _device_name(device: torch.device) -> str:
     from analysis.peaks import cpu_name
 
@@ -181,6 +195,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     algorithm = typed(cfg.comm.algorithm, "comm.algorithm", AlgorithmConfig)
     overlap = typed(cfg.comm.overlap, "comm.overlap", OverlapConfig)
     link = SlowLink(typed(cfg.comm.link, "comm.link", LinkConfig))
+    bucket_cfg = typed(cfg.comm.bucket, "comm.bucket", BucketConfig)
     if train.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
                           "lower train.seq_len or raise model.max_seq_len")
@@ -201,19 +216,25 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                               device_type=device.type)
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, train.steps)
-    comm_hook, topology = None, None
-    if info.world_size > 1:  # collectives: every rank discovers and builds the same groups
-        topology = discover_topology(topology_cfg)
-        comm_hook = build_comm_hook(algorithm, overlap, build_groups(topology), link)
-    engine = engine_cfg.build(model, optimizer, scheduler, grad_clip=optim_cfg.grad_clip, device=device,
-                              scaler=precision.make_scaler(device.type), comm_hook=comm_hook)
-
     dtype = precision.peak_dtype(device.type)
     peak = measure_peak(hw, device, dtype, info)
     fpt = flops_per_token(n_layers=model_cfg.n_layers, dim=model_cfg.dim, ffn_dim=model_cfg.ffn_dim,
                           vocab_size=model_cfg.vocab_size, seq_len=train.seq_len,
                           recompute=Recompute(**splitting.recomputed()))
     tokens_per_step = info.world_size * train.micro_batch_size * train.grad_accum_steps * train.seq_len
+
+    comm_hook, topology, reduce = None, None, flat_all_reduce
+    if info.world_size > 1:  # collectives: every rank discovers and builds the same groups
+        topology = discover_topology(topology_cfg)
+        comm_hook = build_comm_hook(algorithm, overlap, build_groups(topology), link)
+        reduce = comm_hook[1].reduce if comm_hook else reduce  # the cost model times what training will run
+    bucket = choose_bucket_bytes(
+        bucket_cfg, grad_elements=sum(p.numel() for p in model.parameters()), grad_element_bytes=4,
+        world_size=info.world_size, backward_s=estimate_backward_s(fpt, tokens_per_step // info.world_size, peak),
+        reduce=reduce)
+    engine = engine_cfg.build(model, optimizer, scheduler, grad_clip=optim_cfg.grad_clip, device=device,
+                              scaler=precision.make_scaler(device.type), bucket_bytes=bucket.bucket_bytes,
+                              comm_hook=comm_hook)
     environment = {
         "device_type": device.type, "device_name": _device_name(device), "dtype": dtype,
         "peak_tflops": None if peak.flops is None else peak.flops / 1e12, "peak_source": peak.source,
@@ -228,7 +249,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         "precision": precision.compute_dtype, "loss_scaling": precision.loss_scaling, "kernels": kernels,
         "compile_layers": fusion.compile_layers, "splitting": splitting.__dict__, "capabilities": capabilities.summary(),
         "topology": topology.describe() if topology else "1 rank", "comm_algorithm": algorithm.name,
-        "overlap": overlap.enabled, "bucket_bytes": engine.bucket_bytes,
+        "overlap": overlap.enabled, "bucket": bucket.as_dict(),
     }
     sinks = []
     if info.is_main:
@@ -236,6 +257,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         tokenizer.save(run_dir / "tokenizer.model")
         sinks = build_sinks(log_cfg, train, run_dir, cfg)
         log.info("peak for MFU: %s", peak.method)
+        log.info("gradient buckets: %s", bucket.reason)
         log.info("operators: %s%s; splitting: %s; precision: %s", kernels,
                  " + compiled layers" if fusion.compile_layers else "",
                  {k: v for k, v in splitting.__dict__.items() if v is True} or "none", precision.compute_dtype)

@@ -18,6 +18,7 @@ import experiments.dist  # noqa: F401  registers the chuanliu_* resolvers that c
 from analysis.flops import total_params
 from experiments.config import typed
 from experiments.trainer import HardwareConfig, LoggingConfig, TrainConfig
+from comm.buckets import BucketConfig
 from comm.hooks import AlgorithmConfig, OverlapConfig
 from comm.slowlink import LinkConfig
 from comm.topology import TopologyConfig
@@ -37,7 +38,7 @@ TYPED: dict[str, type] = {"train": TrainConfig, "model": ModelConfig, "data": Da
                           "hardware": HardwareConfig, "logging": LoggingConfig, "optim": OptimConfig,
                           "fusion": FusionConfig, "splitting": SplittingConfig,
                           "comm.topology": TopologyConfig, "comm.algorithm": AlgorithmConfig,
-                          "comm.overlap": OverlapConfig, "comm.link": LinkConfig}
+                          "comm.overlap": OverlapConfig, "comm.link": LinkConfig, "comm.bucket": BucketConfig}
 TARGETED = ("precision", "engine")
 
 
