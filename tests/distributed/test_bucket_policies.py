@@ -11,18 +11,16 @@ forward on. A comm hook records the buckets actually reduced, as a second witnes
 
 import datetime
 import os
-import socket
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from comm.buckets import MIB, BucketChoice, BucketConfig, choose_bucket_bytes
 from comm.hierarchical import flat_all_reduce
+from tests.helpers import free_port, spawn
 
 WORLD = 2
 WIDTH, LAYERS = 512, 8  # 8 x (512 x 512 + 512) fp32 parameters = 8.0 MiB of gradients; largest tensor 1 MiB
@@ -33,12 +31,6 @@ CONFIGS = {
     "cost_model": BucketConfig(policy="cost_model", probe_sizes_kb=[4, 64, 1024, 4096], probe_iters=3),
 }
 BACKWARD_S = 0.02  # the backward time handed to the cost model (any fixed value: the test checks agreement)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> nn.Sequential:
@@ -114,14 +106,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_every_policy_is_agreed_and_honoured_by_ddp(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 90
-    # join() returns False each time one process exits while others still run, and raises if one failed.
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError("bucket policy workers did not finish within 90 s")
+    spawn(_worker, (free_port(), str(tmp_path)), WORLD, timeout_s=90)
     assert sorted(p.name for p in tmp_path.glob("*.ok")) == [f"rank{r}.ok" for r in range(WORLD)]
     assert (tmp_path / "rank0.ok").read_text() == (tmp_path / "rank1.ok").read_text()  # same reasons
