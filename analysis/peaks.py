@@ -14,7 +14,7 @@ import os
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,3 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
-
-
-def peak_as_dict(peak: Peak) -> dict:
-    return asdict(peak)

@@ -1,7 +1,8 @@
 """DDP communication hooks running chuanliu's collectives, with overlap control and exposed-communication timing.
 
-    flat_hook(state, bucket)          the backend's all-reduce (plus the emulated inter-node delay, if any)
-    hierarchical_hook(state, bucket)  two-level all-reduce (comm.hierarchical)
+    reduce_hook(state, bucket)   runs state.reduce on the bucket: comm/algorithm=flat gives the backend's
+                                 all-reduce (plus the emulated inter-node delay, if any), hierarchical the
+                                 two-level all-reduce (comm.hierarchical)
 
 Each hook hands its bucket to one worker thread per state and returns a torch Future that the thread completes,
 so collectives run in bucket order while autograd keeps computing: that is the overlap. With overlap off the
@@ -94,11 +95,7 @@ class CommState:
                 "comm/exposed_frac": exposed / total if total > 0 else 0.0}
 
 
-def flat_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    return state.submit(bucket.buffer(), bucket.is_last())
-
-
-def hierarchical_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def reduce_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     return state.submit(bucket.buffer(), bucket.is_last())
 
 
@@ -116,8 +113,6 @@ def build_comm_hook(algorithm: AlgorithmConfig, overlap: OverlapConfig, groups: 
     topo = groups.topology
     if algorithm.name == "flat":
         reduce = lambda t: flat_all_reduce(t, link=link, topo=topo)  # noqa: E731
-        hook = flat_hook
     else:
         reduce = lambda t: hierarchical_all_reduce(t, groups, link=link)  # noqa: E731
-        hook = hierarchical_hook
-    return hook, CommState(reduce=reduce, world_size=topo.world_size, overlap=overlap.enabled)
+    return reduce_hook, CommState(reduce=reduce, world_size=topo.world_size, overlap=overlap.enabled)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from analysis.flops import Recompute, flops_per_token, matmul_params, total_params
 from analysis.metrics import MetricsProcessor
-from analysis.peaks import Peak, calibrate_cpu_peak, gpu_peak
+from analysis.peaks import Peak, calibrate_cpu_peak, cpu_name, gpu_peak
 from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
 from comm.buckets import BucketConfig, choose_bucket_bytes
 from comm.ddp import DDPConfig, replica_digests
@@ -160,8 +160,6 @@ def estimate_backward_s(fpt: dict[str, float], tokens_per_rank: int, peak: Peak)
 
 
 def _device_name(device: torch.device) -> str:
-    from analysis.peaks import cpu_name
-
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
@@ -212,6 +210,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                           f"{model_cfg.vocab_size}; raise model.vocab_size or lower data.vocab_size")
 
     model = build_model(model_cfg, device)
+    n_params = count_parameters(model)
     kernels = transform_model(model, fusion=fusion, splitting=splitting, precision=precision,
                               device_type=device.type)
     optimizer = build_optimizer(model, optim_cfg)
@@ -229,7 +228,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         comm_hook = build_comm_hook(algorithm, overlap, build_groups(topology), link)
         reduce = comm_hook[1].reduce if comm_hook else reduce  # the cost model times what training will run
     bucket = choose_bucket_bytes(
-        bucket_cfg, grad_elements=sum(p.numel() for p in model.parameters()), grad_element_bytes=4,
+        bucket_cfg, grad_elements=n_params, grad_element_bytes=4,
         world_size=info.world_size, backward_s=estimate_backward_s(fpt, tokens_per_step // info.world_size, peak),
         reduce=reduce)
     engine = engine_cfg.build(model, optimizer, scheduler, grad_clip=optim_cfg.grad_clip, device=device,
@@ -241,7 +240,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         "peak_method": peak.method, "world_size": info.world_size, "threads_per_rank": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "hostname": socket.gethostname(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": model_cfg.name,
-        "parameters": count_parameters(model),
+        "parameters": n_params,
         "matmul_parameters": matmul_params(n_layers=model_cfg.n_layers, dim=model_cfg.dim,
                                            ffn_dim=model_cfg.ffn_dim, vocab_size=model_cfg.vocab_size),
         "tokenizer_vocab": tokenizer.vocab_size, "seq_len": train.seq_len, "tokens_per_step": tokens_per_step,

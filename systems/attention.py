@@ -6,7 +6,6 @@ scaled_dot_product_attention (flash / memory-efficient / math backends chosen by
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,7 @@
 """Peak memory of the process: CUDA's max allocated on a GPU, peak resident set size on a CPU."""
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from typing import Callable
@@ -23,8 +24,6 @@ def peak_memory_fn(device: torch.device) -> Callable[[], int]:
 def total_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

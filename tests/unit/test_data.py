@@ -25,7 +25,7 @@ from systems.data import (
     resolve_cache_dir,
     split_documents,
 )
-from systems.tokenizer import Tokenizer, train_tokenizer
+from systems.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 1000
