@@ -2,7 +2,8 @@
 
 One process: the plain module. Several: ``torch.nn.parallel.DistributedDataParallel`` with gradient
 accumulation under ``no_sync`` (only the last micro-batch all-reduces). Other engines (FSDP2, DeepSpeed,
-megatron-core) implement the same three calls: ``forward_backward``, ``step``, ``module``.
+megatron-core) implement the same calls: ``forward_backward``, ``step``, ``module``, ``rank_losses`` and the
+checkpoint state (``sharded_state``/``load_sharded_state``, ``local_state``/``load_local_state``).
 """
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import contextlib
 import hashlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+# torch 2.13 renamed all_gather_into_tensor (a FutureWarning); older releases only have the old name.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass(kw_only=True)
@@ -42,7 +47,8 @@ class DDPEngine:
         if self.distributed:
             self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                              bucket_cap_mb=bucket_bytes / 2**20, static_graph=cfg.static_graph,
-                             gradient_as_bucket_view=cfg.gradient_as_bucket_view)
+                             gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+                             broadcast_buffers=False)  # RoPE tables are identical constants: no collective in forward
         self.comm_state = None
         if self.distributed and comm_hook is not None:
             hook, self.comm_state = comm_hook
@@ -51,6 +57,7 @@ class DDPEngine:
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
         self.scaler = scaler  # a disabled GradScaler passes everything through
         self.skipped_steps = 0
+        self.rank_losses: list[float] = []  # each rank's local loss of the last forward_backward
 
     @property
     def module(self) -> nn.Module:
@@ -59,7 +66,11 @@ class DDPEngine:
 
     def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
                          forward_context: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
-        """Accumulate gradients over ``n_micro`` micro-batches; returns the mean loss over all ranks (detached)."""
+        """Accumulate gradients over ``n_micro`` micro-batches; returns the mean loss over all ranks (detached).
+
+        Every rank's own loss is gathered into ``rank_losses`` (one collective, as an all-reduce would be), so a
+        NaN can be traced to the rank that produced it.
+        """
         total = torch.zeros((), device=next(self.raw.parameters()).device)
         for i, (x, y) in enumerate(micro_batches):
             last = i == n_micro - 1
@@ -69,10 +80,13 @@ class DDPEngine:
                     loss = self.model(x, y) / n_micro
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        if self.distributed:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-            total /= dist.get_world_size()
-        return total
+        if not self.distributed:
+            self.rank_losses = [total.item()]
+            return total
+        gathered = torch.empty(dist.get_world_size(), device=total.device, dtype=total.dtype)
+        _all_gather(gathered, total.reshape(1))
+        self.rank_losses = gathered.tolist()
+        return gathered.mean()
 
     def step(self) -> dict[str, float]:
         """Unscale, clip, step the optimizer (skipped on overflow) and the schedule.
@@ -97,6 +111,26 @@ class DDPEngine:
         if self.comm_state is not None:
             stats.update(self.comm_state.step_stats(), **{"comm/bucket_bytes": self.bucket_bytes})
         return stats
+
+
+    # Checkpoint state (fault.checkpoint): tensors through torch.distributed.checkpoint, the rest per rank.
+    def sharded_state(self) -> dict[str, Any]:
+        """Model and optimizer state as DCP expects it (replicated here; DCP writes each tensor once)."""
+        model_sd, optim_sd = get_state_dict(self.raw, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_sharded_state(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.raw, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def local_state(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "skipped_steps": self.skipped_steps}
+
+    def load_local_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # a disabled scaler saves {}
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps = state["skipped_steps"]
 
 
 def parameter_digest(module: nn.Module) -> str:

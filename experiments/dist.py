@@ -4,6 +4,11 @@ torchrun (or the DeepSpeed launcher, or Slurm through srun) starts the processes
 Each rank would resolve ``${now:...}`` on its own and could pick a different run directory (a known Hydra
 pitfall), so before Hydra starts, rank 0's timestamp is broadcast over the process group and put in
 CHUANLIU_RUN_STAMP, which the ``chuanliu_stamp`` resolver in conf/config.yaml reads.
+
+When torchrun's elastic agent restarts the workers after a fault (``--max-restarts``), the new workers must land
+in the same run directory to find its checkpoints. The agent's run id (TORCHELASTIC_RUN_ID: a fresh uuid per
+``--standalone`` launch, the user's ``--rdzv-id`` otherwise, e.g. $SLURM_JOB_ID, which survives a requeue) is the
+same across restarts, so rank 0 keeps the stamp in ``<cache>/elastic/<run id>.stamp`` and reuses it.
 """
 from __future__ import annotations
 
@@ -50,10 +55,28 @@ def init_distributed() -> DistInfo:
             backend = "gloo"
         dist.init_process_group(backend=backend, timeout=timeout)
         if STAMP_ENV not in os.environ:
-            stamp = [_now_stamp()]
+            stamp = [_elastic_stamp() if info.is_main else None]
             dist.broadcast_object_list(stamp, src=0)
             os.environ[STAMP_ENV] = stamp[0]
+    elif STAMP_ENV not in os.environ:
+        os.environ[STAMP_ENV] = _elastic_stamp()
     return info
+
+
+def _elastic_stamp() -> str:
+    """This launch's stamp: the one stored for this elastic run id if the agent restarted us, else now."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id == "none" or not run_id.replace("-", "").replace("_", "").isalnum():
+        return _now_stamp()
+    from systems.data import resolve_cache_dir  # noqa: PLC0415  (the cache dir rule lives with the data cache)
+
+    path = resolve_cache_dir("~/.cache/chuanliu") / "elastic" / f"{run_id}.stamp"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = _now_stamp()
+    path.write_text(stamp)
+    return stamp
 
 
 def _now_stamp() -> str:

@@ -3,6 +3,7 @@
 Build order (each step gets only the sub-config it needs):
     dist info -> device/threads -> precision -> data + tokenizer -> model -> optimizer/schedule -> engine
     -> peak FLOPS + FLOPs per token -> metrics processor + sinks (rank 0)
+    -> fault tolerance: event log, checkpoint manager (resume from the newest valid checkpoint), chaos, watchdog
 The loop never branches on config strings: every choice was made while building.
 """
 from __future__ import annotations
@@ -37,6 +38,10 @@ from comm.slowlink import LinkConfig, SlowLink
 from comm.topology import TopologyConfig, build_groups, discover_topology
 from experiments.config import ConfigError, plain, typed
 from experiments.dist import DistInfo, dist_info
+from fault.chaos import Chaos, ChaosConfig
+from fault.checkpoint import CheckpointConfig, CheckpointManager, Loaded, rng_state, set_rng_state
+from fault.events import EventLog, restart_count
+from fault.watchdog import FaultDetected, ForwardTimer, Watchdog, WatchdogConfig, check_losses, install_stop_handler
 from systems.data import DataConfig, build_data, resolve_cache_dir
 from systems import capabilities
 from systems.fusion import FusionConfig
@@ -104,6 +109,15 @@ class Run:
     peak_memory: Callable[[], int]
     meter: SavedTensorMeter
     show_progress: bool
+    loader: Any  # systems.data.PackedLoader: its position is checkpointed
+    events: EventLog
+    checkpoint: CheckpointManager
+    chaos: Chaos
+    watchdog: Watchdog
+    forward_timer: ForwardTimer
+    start_step: int = 0  # the step of the checkpoint resumed from (0: a fresh start)
+    resumed_from: str | None = None
+    step: int = 0  # the step in progress (for events)
 
 
 def pick_device(train: TrainConfig, info: DistInfo) -> torch.device:
@@ -194,6 +208,10 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     overlap = typed(cfg.comm.overlap, "comm.overlap", OverlapConfig)
     link = SlowLink(typed(cfg.comm.link, "comm.link", LinkConfig))
     bucket_cfg = typed(cfg.comm.bucket, "comm.bucket", BucketConfig)
+    ckpt_cfg = typed(cfg.fault.checkpoint, "fault.checkpoint", CheckpointConfig)
+    chaos_cfg = typed(cfg.fault.chaos, "fault.chaos", ChaosConfig)
+    watchdog_cfg = typed(cfg.fault.watchdog, "fault.watchdog", WatchdogConfig)
+    check_fault_config(ckpt_cfg, chaos_cfg, watchdog_cfg)
     if train.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
                           "lower train.seq_len or raise model.max_seq_len")
@@ -270,10 +288,84 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         return loader.next_batch().to(device, non_blocking=True)
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    return Run(train=train, info=info, device=device, precision=precision, engine=engine, next_batch=next_batch,
-               metrics=metrics, environment=environment, run_dir=run_dir, sync=sync,
-               peak_memory=peak_memory_fn(device), meter=SavedTensorMeter(model.parameters()),
-               show_progress=info.is_main and log_cfg.progress_bar)
+    run = Run(train=train, info=info, device=device, precision=precision, engine=engine, next_batch=next_batch,
+              metrics=metrics, environment=environment, run_dir=run_dir, sync=sync,
+              peak_memory=peak_memory_fn(device), meter=SavedTensorMeter(model.parameters()),
+              show_progress=info.is_main and log_cfg.progress_bar, loader=loader,
+              events=EventLog(run_dir, info.rank), checkpoint=None, chaos=None, watchdog=None,
+              forward_timer=ForwardTimer(device))
+    build_fault_tolerance(run, ckpt_cfg, chaos_cfg, watchdog_cfg, model_cfg)
+    return run
+
+
+def check_fault_config(ckpt: CheckpointConfig, chaos: ChaosConfig, watchdog: WatchdogConfig) -> None:
+    kinds = {f.kind for f in chaos.faults} | (set(chaos.kinds) if chaos.mtbf_steps else set())
+    if "hang" in kinds and not watchdog.enabled:
+        raise ConfigError("a hang fault needs the watchdog (fault.watchdog.enabled=true); without it the job "
+                          "would wait out the process-group timeout")
+    if kinds & {"corrupt_checkpoint", "kill_mid_save"} and not ckpt.enabled:
+        raise ConfigError(f"fault.chaos={chaos.name} injects into checkpoints but fault/checkpoint is off; use "
+                          "fault/checkpoint=sync or async")
+    if kinds and not ckpt.enabled:
+        log.warning("fault.chaos=%s with fault/checkpoint=off: a restarted job starts again from step 0",
+                    chaos.name)
+
+
+def checkpoint_fingerprint(model_cfg: ModelConfig, train: TrainConfig) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed: the shapes of the weights and the data order."""
+    return {"model": {k: getattr(model_cfg, k) for k in ("n_layers", "dim", "n_heads", "ffn_dim", "vocab_size")},
+            "seq_len": train.seq_len, "micro_batch_size": train.micro_batch_size,
+            "grad_accum_steps": train.grad_accum_steps}
+
+
+def build_fault_tolerance(run: Run, ckpt_cfg: CheckpointConfig, chaos_cfg: ChaosConfig,
+                          watchdog_cfg: WatchdogConfig, model_cfg: ModelConfig) -> None:
+    """Checkpoints (and resume), chaos injectors, the watchdog and the launcher's stop signal, in that order."""
+    info = run.info
+    ckpt_dir = Path(ckpt_cfg.dir) if ckpt_cfg.dir else run.run_dir / "checkpoints"
+    run.checkpoint = CheckpointManager(ckpt_cfg, run_dir=run.run_dir, rank=info.rank, world_size=info.world_size,
+                                       fingerprint=checkpoint_fingerprint(model_cfg, run.train), events=run.events)
+    state = run.engine.sharded_state()
+    loaded = run.checkpoint.load(state)
+    if loaded is not None:
+        resume(run, state, loaded)
+    if run.start_step >= run.train.steps:
+        log.warning("the checkpoint resumed from is at step %d, the last of train.steps=%d: nothing left to train",
+                    run.start_step, run.train.steps)
+    run.chaos = Chaos(chaos_cfg, rank=info.rank, world_size=info.world_size, total_steps=run.train.steps,
+                      events=run.events, checkpoint_dir=ckpt_dir)
+    run.chaos.attach(run.engine.module)
+    run.watchdog = Watchdog(watchdog_cfg, run_dir=run.run_dir, rank=info.rank, world_size=info.world_size,
+                            events=run.events)
+    install_stop_handler(run.events, lambda: run.step)
+    run.environment.update(checkpoint={"mode": ckpt_cfg.mode, "every": ckpt_cfg.every, "dir": str(ckpt_dir)},
+                           resumed_from=run.resumed_from, restart=restart_count(), chaos=chaos_cfg.name)
+    if info.is_main:
+        run.events.emit("start", step=run.start_step, resumed_from=run.resumed_from, world_size=info.world_size,
+                        chaos=chaos_cfg.name, checkpoint=ckpt_cfg.mode)
+
+
+def resume(run: Run, state: dict[str, Any], loaded: Loaded) -> None:
+    """Put a loaded checkpoint into the engine, the data loader and the random generators."""
+    run.engine.load_sharded_state(state)
+    run.engine.load_local_state(loaded.per_rank["engine"])
+    run.loader.load_state_dict(loaded.per_rank["loader"])
+    set_rng_state(loaded.per_rank["rng"])
+    run.start_step = run.step = loaded.step
+    run.resumed_from = str(loaded.path)
+    if run.info.is_main:
+        log.info("resumed from %s (step %d)", loaded.path, loaded.step)
+
+
+def save_checkpoint(run: Run, step: int) -> float | None:
+    """Save when due; returns the seconds training was blocked (None when no save was due)."""
+    if not run.checkpoint.due(step, run.train.steps):
+        return None
+    run.watchdog.beat(step, "checkpoint")
+    per_rank = {"step": step, "engine": run.engine.local_state(), "loader": run.loader.state_dict(),
+                "rng": rng_state()}
+    return run.checkpoint.save(step, sharded=run.engine.sharded_state(), per_rank=per_rank,
+                               before_commit=run.chaos.before_commit(step))
 
 
 def micro_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -284,28 +376,43 @@ def micro_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def train_loop(run: Run) -> dict[str, Any]:
     @contextlib.contextmanager
-    def forward_context():  # entered once per micro-batch forward
-        with run.precision.autocast(run.device.type), run.meter:
+    def forward_context():  # entered once per micro-batch forward; the timer includes an injected slowdown
+        with run.precision.autocast(run.device.type), run.meter, run.forward_timer(), run.chaos.forward():
             yield
     # disable=None: tqdm shows the bar only on a terminal, so CI logs get the periodic lines alone.
-    bar = tqdm(range(1, run.train.steps + 1), disable=None if run.show_progress else True, desc="train", unit="step",
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(range(run.start_step + 1, run.train.steps + 1), disable=None if run.show_progress else True,
+               desc="train", unit="step", dynamic_ncols=True, mininterval=1.0, initial=run.start_step,
+               total=run.train.steps)
+    run.watchdog.start()
     for step in bar:
+        run.step = step
+        run.chaos.step_start(step)
+        run.watchdog.beat(step, "forward_backward")
         t0 = time.perf_counter()
         run.meter.reset_peak()
         loss = run.engine.forward_backward(micro_batches(run), run.train.grad_accum_steps, forward_context)
+        check_losses(step, run.engine.rank_losses, run.events, rank=run.info.rank)  # before NaN reaches weights
+        run.watchdog.beat(step, "optimizer")
         stats = run.engine.step()
         loss_value = loss.item()
         run.sync()
         step_s = time.perf_counter() - t0
+        forward_s = run.forward_timer.take()
+        block_s = save_checkpoint(run, step)
         run.metrics.step(step, loss=loss_value, lr=stats["lr"], grad_norm=stats["grad_norm"], step_s=step_s,
                          mem_peak_bytes=run.peak_memory(),
                          extra={"mem/activation_bytes": run.meter.peak_bytes,
                                 "precision/loss_scale": stats["loss_scale"],
                                 "precision/skipped_steps": stats["skipped_steps"],
+                                "fault/forward_s": forward_s, "fault/ckpt_block_s": block_s,
                                 **{k: v for k, v in stats.items() if k.startswith("comm/")}})
+        run.watchdog.beat(step, "done", forward_s)
+        if step == run.start_step + 1 and run.info.is_main:
+            run.events.emit("step_done", step=step)  # the first step of this process: recovery is complete
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     bar.close()
+    run.checkpoint.wait()
+    run.watchdog.stop()
     summary = run.metrics.summary(run.environment)
     digests = replica_digests(run.engine.module)
     summary["replicas"] = {"parameter_sha256": digests, "identical": len(set(digests)) == 1}
@@ -313,7 +420,9 @@ def train_loop(run: Run) -> dict[str, Any]:
         log.error("model replicas differ across ranks at the end of training: %s", digests)
     if run.info.is_main:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        run.events.emit("finish", step=run.train.steps, steps_done=run.train.steps - run.start_step)
     run.metrics.close(summary)
+    run.checkpoint.close()
     return summary
 
 
@@ -333,7 +442,17 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         run = build_run(cfg, run_dir)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # Unavailable is a ValueError too
         raise SystemExit(f"chuanliu: error: {e}") from None
-    summary = train_loop(run)
+    try:
+        summary = train_loop(run)
+    except FaultDetected:
+        raise  # its detector logged the event; the launcher restarts the job
+    except Exception as e:
+        # A peer that died breaks the collective this rank was in; anything else is this rank's own failure.
+        peer = isinstance(e, dist.DistError)
+        run.events.emit("detected", durable=True, cause="collective_failure" if peer else "exception",
+                        blamed_rank=None if peer else run.info.rank, step=run.step,
+                        detail=f"{type(e).__name__}: {e}"[:500])
+        raise
     if run.info.is_main:
         v = summary["vs_baichuan_7b"]
         mfu = v["achieved_mfu"]

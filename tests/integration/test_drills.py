@@ -1,0 +1,108 @@
+"""Fault drills through the real entry points: torchrun (its elastic agent restarts the workers), 2 CPU ranks, the
+tiny model, a checkpoint every 3 steps, one fault at step 8 on rank 1. Every drill must finish, detect its fault
+with the right cause and rank, and reproduce the uninterrupted reference run's loss at every step, bit for bit."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, read_jsonl, run_entry
+
+HANG_TIMEOUT_S = 4.0
+COMMON = ["train.steps=12", "fault/checkpoint=sync", "fault.checkpoint.every=3", "logging.wandb_mode=disabled",
+          "logging.progress_bar=false", f"fault.watchdog.hang_timeout_s={HANG_TIMEOUT_S}",
+          "fault.watchdog.poll_s=0.2", "fault.watchdog.straggler_window=3"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("drills") / "reference"
+    proc = run_entry([*COMMON, f"hydra.run.dir={run_dir}"], torchrun_nproc=2, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+AT_STEP_8_ON_RANK_1 = ("fault.chaos.faults.0.step=8", "fault.chaos.faults.0.rank=1")
+
+
+def drill(tmp_path, reference, chaos: str, *extra: str, schedule=AT_STEP_8_ON_RANK_1) -> dict:
+    out = tmp_path / chaos
+    cmd = [sys.executable, "-m", "experiments.drill", f"fault/chaos={chaos}", *COMMON, *schedule, *extra,
+           f"drill.reference_dir={reference}", f"drill.out={out}", "drill.wandb_mode=disabled",
+           "drill.timeout_s=150", "drill.max_restarts=2"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=200)
+    assert (out / "drill_report.json").exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "drill_report.json").read_text())
+    launcher = (out / "faulty" / "launcher.log").read_text()
+    assert proc.returncode == 0, proc.stdout[-3000:] + launcher[-4000:]
+    assert report["loss"]["bit_exact"], (report["loss"], launcher[-3000:])
+    assert report["completed"] and report["ettr"] > 0
+    return report
+
+
+def only_fault(report: dict) -> dict:
+    (fault,) = report["faults"]
+    return fault
+
+
+def test_kill_rank_is_detected_and_resumed(tmp_path, reference):
+    report = drill(tmp_path, reference, "kill_rank")
+    f = only_fault(report)
+    assert f["fault"] == "kill" and f["target_rank"] == 1 and f["restarted"]
+    assert f["detect_s"] < 10 and f["recover_s"] is not None
+    assert f["resumed_from_step"] == 6 and f["steps_lost"] == 1 and f["committed_steps_lost"] == 0
+    assert report["restarts"] == 1
+
+
+def test_exception_is_detected_on_its_rank(tmp_path, reference):
+    f = only_fault(drill(tmp_path, reference, "exception"))
+    assert f["detected_cause"] == "exception" and f["blamed_rank"] == 1 and f["detect_s"] < 10
+    assert f["resumed_from_step"] == 6
+
+
+def test_nan_loss_is_caught_before_the_optimizer_step(tmp_path, reference):
+    f = only_fault(drill(tmp_path, reference, "nan_loss"))
+    assert f["detected_cause"] == "nan_loss" and f["blamed_rank"] == 1
+    assert f["resumed_from_step"] == 6 and f["steps_lost"] == 1
+
+
+def test_hang_is_found_by_the_watchdog_not_the_collective_timeout(tmp_path, reference):
+    f = only_fault(drill(tmp_path, reference, "hang_rank"))
+    assert f["detected_cause"] == "hang" and f["blamed_rank"] == 1
+    assert HANG_TIMEOUT_S <= f["detect_s"] < 2 * HANG_TIMEOUT_S
+
+
+def test_slow_rank_is_reported_as_a_straggler_without_restart(tmp_path, reference):
+    report = drill(tmp_path, reference, "slow_rank", "fault.chaos.faults.0.slow_factor=4.0")
+    f = only_fault(report)
+    assert f["detected_cause"] == "straggler" and f["blamed_rank"] == 1 and not f["restarted"]
+    assert report["restarts"] == 0
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, reference):
+    report = drill(tmp_path, reference, "corrupt_checkpoint")
+    f = only_fault(report)
+    assert f["resumed_from_step"] == 3 and f["committed_steps_lost"] == 3  # step 6 was corrupt
+    assert report["fallbacks"] and "step_000006" in report["fallbacks"][0]["skipped"]
+    ckpts = {p.name.split(".")[0] for p in (tmp_path / "corrupt_checkpoint" / "faulty" / "checkpoints").iterdir()}
+    assert "step_000006" in ckpts  # renamed aside, kept for inspection, never deleted
+
+
+def test_kill_mid_save_never_exposes_a_partial_checkpoint(tmp_path, reference):
+    report = drill(tmp_path, reference, "kill_mid_save")
+    f = only_fault(report)
+    assert f["step"] == 9 and f["resumed_from_step"] == 6  # the step-9 save died before its commit
+    run = tmp_path / "kill_mid_save" / "faulty"
+    commits = [e["step"] for e in read_jsonl(run / "events.jsonl") if e["kind"] == "checkpoint_commit"]
+    assert commits.count(9) == 1  # committed once, by the restarted job
+
+
+def test_mtbf_schedule_survives_several_faults(tmp_path, reference):
+    report = drill(tmp_path, reference, "mtbf", "fault.chaos.mtbf_steps=4", "fault.chaos.max_faults=2",
+                   "fault.chaos.kinds=[kill,exception]", "fault.chaos.seed=3", "drill.max_restarts=3",
+                   schedule=())
+    assert len(report["faults"]) == 2 and report["restarts"] == 2
+    assert all(f["committed_steps_lost"] == 0 for f in report["faults"])
