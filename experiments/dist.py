@@ -53,7 +53,8 @@ def init_distributed() -> DistInfo:
             backend = "cpu:gloo,cuda:nccl"  # NCCL for GPU tensors, gloo for CPU-side objects
         else:
             backend = "gloo"
-        dist.init_process_group(backend=backend, timeout=timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(timeout), rank=info.rank,
+                                world_size=info.world_size)
         if STAMP_ENV not in os.environ:
             stamp = [_elastic_stamp() if info.is_main else None]
             dist.broadcast_object_list(stamp, src=0)
@@ -61,6 +62,18 @@ def init_distributed() -> DistInfo:
     elif STAMP_ENV not in os.environ:
         os.environ[STAMP_ENV] = _elastic_stamp()
     return info
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """The launcher's store (env://), with its keys scoped to this restart attempt.
+
+    torch 2.13's elastic agent keeps one store across restarts, so a restarted rank can read the gloo address a
+    dead rank of the previous attempt published and fail with "Gloo connectFullMesh failed ... Connection
+    refused" (seen here on 2 of 3 restarts; pytorch/pytorch#167288 reports the same with NCCL). A prefix per
+    attempt (TORCHELASTIC_RESTART_COUNT) makes every attempt start from empty keys.
+    """
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"chuanliu/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _elastic_stamp() -> str:

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,18 +88,25 @@ def launch(overrides: list[str], run_dir: Path, *, nproc: int, max_restarts: int
     with open(run_dir / "launcher.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True, env=dict(os.environ))
-        try:
-            for line in proc.stdout:  # ends when torchrun and every worker closed the pipe
+
+        def copy() -> None:  # a thread, so the timeout below holds even when the job prints nothing
+            for line in proc.stdout:
                 log.write(f"{datetime.datetime.now().isoformat(timespec='milliseconds')} {line}")
-                if time.time() - t0 > timeout_s:
-                    raise subprocess.TimeoutExpired(cmd, timeout_s)
-            code = proc.wait(timeout=max(1.0, timeout_s - (time.time() - t0)))
+                log.flush()
+
+        reader = threading.Thread(target=copy, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every worker: they share the session
             proc.wait()
             code = None
+        wall_s = time.time() - t0
+        reader.join(timeout=10)
+        if code is None:
             log.write(f"chuanliu drill: killed after {timeout_s:.0f} s\n")
-    return {"exit_code": code, "wall_s": time.time() - t0, "command": cmd}
+    return {"exit_code": code, "wall_s": wall_s, "command": cmd}
 
 
 def log_to_wandb(report: dict, drill_dir: Path, mode: str, chaos: str) -> None:
