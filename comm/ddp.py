@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -21,6 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # torch 2.13 renamed all_gather_into_tensor (a FutureWarning); older releases only have the old name.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# The RoPE tables are the model's only buffers, identical constants: no buffer collective in each forward (which
+# also keeps the forward free of communication, so the watchdog can time it as the rank's own speed).
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False})
 
 
 @dataclass(kw_only=True)
@@ -47,8 +52,7 @@ class DDPEngine:
         if self.distributed:
             self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                              bucket_cap_mb=bucket_bytes / 2**20, static_graph=cfg.static_graph,
-                             gradient_as_bucket_view=cfg.gradient_as_bucket_view,
-                             broadcast_buffers=False)  # RoPE tables are identical constants: no collective in forward
+                             gradient_as_bucket_view=cfg.gradient_as_bucket_view, **NO_BUFFER_SYNC)
         self.comm_state = None
         if self.distributed and comm_hook is not None:
             hook, self.comm_state = comm_hook

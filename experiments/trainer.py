@@ -329,9 +329,6 @@ def build_fault_tolerance(run: Run, ckpt_cfg: CheckpointConfig, chaos_cfg: Chaos
     loaded = run.checkpoint.load(state)
     if loaded is not None:
         resume(run, state, loaded)
-    if run.start_step >= run.train.steps:
-        log.warning("the checkpoint resumed from is at step %d, the last of train.steps=%d: nothing left to train",
-                    run.start_step, run.train.steps)
     run.chaos = Chaos(chaos_cfg, rank=info.rank, world_size=info.world_size, total_steps=run.train.steps,
                       events=run.events, checkpoint_dir=ckpt_dir)
     run.chaos.attach(run.engine.module)
@@ -442,6 +439,11 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         run = build_run(cfg, run_dir)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # Unavailable is a ValueError too
         raise SystemExit(f"chuanliu: error: {e}") from None
+    if run.start_step >= run.train.steps:  # e.g. a finished run started again: leave its files as they are
+        log.warning("the checkpoint resumed from is at step %d and train.steps=%d: nothing left to train (raise "
+                    "train.steps to continue); %s is unchanged", run.start_step, run.train.steps, run.run_dir)
+        run.checkpoint.close()
+        return {}
     try:
         summary = train_loop(run)
     except FaultDetected:
