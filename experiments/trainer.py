@@ -347,6 +347,8 @@ def resume(run: Run, state: dict[str, Any], loaded: Loaded) -> None:
     run.engine.load_sharded_state(state)
     run.engine.load_local_state(loaded.per_rank["engine"])
     run.loader.load_state_dict(loaded.per_rank["loader"])
+    example = torch.zeros(run.train.micro_batch_size, run.train.seq_len, dtype=torch.long, device=run.device)
+    run.engine.prime(example, example, lambda: run.precision.autocast(run.device.type))
     set_rng_state(loaded.per_rank["rng"])
     run.start_step = run.step = loaded.step
     run.resumed_from = str(loaded.path)

@@ -39,7 +39,7 @@ TYPED: dict[str, type] = {"train": TrainConfig, "model": ModelConfig, "data": Da
                           "fusion": FusionConfig, "splitting": SplittingConfig,
                           "comm.topology": TopologyConfig, "comm.algorithm": AlgorithmConfig,
                           "comm.overlap": OverlapConfig, "comm.link": LinkConfig, "comm.bucket": BucketConfig}
-TARGETED = ("precision", "engine")
+TARGETED = ("precision", "engine", "fault.checkpoint", "fault.chaos", "fault.watchdog")
 
 
 # ---------------------------------------------------------------------------------------------------------

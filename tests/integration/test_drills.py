@@ -106,3 +106,20 @@ def test_mtbf_schedule_survives_several_faults(tmp_path, reference):
                    schedule=())
     assert len(report["faults"]) == 2 and report["restarts"] == 2
     assert all(f["committed_steps_lost"] == 0 for f in report["faults"])
+
+
+def test_four_ranks_async_checkpoints_resume_bit_exact(tmp_path):
+    """With 3+ ranks a float all-reduce depends on the bucket layout: the resumed job must reduce its first step in
+    the layout an uninterrupted run has by then (DDPEngine.prime), and async saves must commit and load."""
+    out = tmp_path / "four"
+    cmd = [sys.executable, "-m", "experiments.drill", "fault/chaos=kill_rank", *COMMON, "fault/checkpoint=async",
+           "fault.chaos.faults.0.step=8", "fault.chaos.faults.0.rank=2", "drill.nproc=4", f"drill.out={out}",
+           "drill.wandb_mode=disabled", "drill.timeout_s=200"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=450)
+    report = json.loads((out / "drill_report.json").read_text())
+    assert proc.returncode == 0 and report["completed"], proc.stdout[-3000:]
+    assert report["loss"]["bit_exact"], report["loss"]
+    f = only_fault(report)
+    assert f["resumed_from_step"] == 6 and f["target_rank"] == 2
+    events = read_jsonl(out / "faulty" / "events.jsonl")
+    assert all(e["block_s"] < e["write_s"] for e in events if e["kind"] == "checkpoint_commit")
