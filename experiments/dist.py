@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -65,15 +66,28 @@ def init_distributed() -> DistInfo:
 
 
 def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
-    """The launcher's store (env://), with its keys scoped to this restart attempt.
+    """The launcher's store (env://), with its keys scoped to this restart attempt where that is safe.
 
-    torch 2.13's elastic agent keeps one store across restarts, so a restarted rank can read the gloo address a
-    dead rank of the previous attempt published and fail with "Gloo connectFullMesh failed ... Connection
-    refused" (seen here on 2 of 3 restarts; pytorch/pytorch#167288 reports the same with NCCL). A prefix per
-    attempt (TORCHELASTIC_RESTART_COUNT) makes every attempt start from empty keys.
+    torch 2.13's elastic agent shares one TCP store across restarts (unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1),
+    so a restarted rank can read the gloo address a dead rank of the previous attempt published and fail with
+    "Gloo connectFullMesh failed ... Connection refused" (seen here on 2 of 3 restarts; pytorch/pytorch#167288
+    reports the same with NCCL). With one agent (torchrun --standalone, one node) every worker gets the same
+    TORCHELASTIC_RESTART_COUNT, so a prefix per attempt makes each attempt start from empty keys. With several
+    agents the counts can differ (an agent restarted for a membership change does not count it), so a prefix
+    could split the ranks; there, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the launcher's environment (each
+    round then gets a fresh store) -- rank 0 warns when it is missing.
     """
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-    return dist.PrefixStore(f"chuanliu/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store  # no launcher store, or a fresh one per round
+    if int(env.get("GROUP_WORLD_SIZE", 1)) == 1:
+        return dist.PrefixStore(f"chuanliu/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and int(env.get("RANK", 0)) == 0:
+        warnings.warn("several torchrun agents share one store across restarts: a restarted job may fail to "
+                      "connect (stale addresses); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun",
+                      stacklevel=2)
+    return store
 
 
 def _elastic_stamp() -> str:

@@ -425,6 +425,11 @@ def train_loop(run: Run) -> dict[str, Any]:
     return summary
 
 
+# What gloo and NCCL say (as a plain RuntimeError) when the rank at the other end of a collective is gone.
+PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "NCCL error",
+                "Broken pipe")
+
+
 def quiet_other_ranks(info: DistInfo) -> None:
     """Ranks other than 0 log warnings only on the console (their log files keep everything)."""
     if info.is_main:
@@ -452,7 +457,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise  # its detector logged the event; the launcher restarts the job
     except Exception as e:
         # A peer that died breaks the collective this rank was in; anything else is this rank's own failure.
-        peer = isinstance(e, dist.DistError)
+        peer = isinstance(e, dist.DistError) or any(s in str(e) for s in PEER_FAILURE)
         run.events.emit("detected", durable=True, cause="collective_failure" if peer else "exception",
                         blamed_rank=None if peer else run.info.rank, step=run.step,
                         detail=f"{type(e).__name__}: {e}"[:500])

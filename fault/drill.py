@@ -64,7 +64,9 @@ def fault_costs(events: list[dict], rows: list[dict]) -> list[dict[str, Any]]:
         t = inj["time"]
         detection = next((e for e in events if e["kind"] == "detected" and e["time"] >= t
                           and (e.get("cause") != "straggler" or inj["fault"] == "slow")), None)
-        restart = next((s for s in starts if s["time"] > t and s["restart"] > inj["restart"]), None)
+        # The job's next start after the fault is its restart. Not TORCHELASTIC_RESTART_COUNT: with several agents an
+        # agent restarted for a membership change does not count it, so ranks disagree on that number.
+        restart = next((s for s in starts if s["time"] > t), None)
         cost: dict[str, Any] = {"fault": inj["fault"], "fault_id": inj["fault_id"], "step": inj["step"],
                                 "target_rank": inj["target_rank"], "injected_at": inj["iso"]}
         if detection is not None and (restart is None or detection["time"] <= restart["time"]):
@@ -81,8 +83,7 @@ def fault_costs(events: list[dict], rows: list[dict]) -> list[dict[str, Any]]:
             cost.update(detected_cause=None, detect_s=None, detail="not detected")
             t_detect = None
         if restart is not None and t_detect is not None:
-            first_step = next((e for e in events if e["kind"] == "step_done" and e["restart"] == restart["restart"]),
-                              None)
+            first_step = next((e for e in events if e["kind"] == "step_done" and e["time"] > restart["time"]), None)
             done_before = [r["step"] for r in rows if r["time"] < t_detect]
             last_done = max(done_before, default=0)
             committed = max((c["step"] for c in commits if c["time"] < t_detect), default=0)
@@ -122,7 +123,7 @@ def drill_report(run_dir: str | Path, *, reference_dir: str | Path | None = None
     finish = [e for e in events if e["kind"] == "finish"]
     report: dict[str, Any] = {
         "run_dir": str(run_dir), "completed": bool(finish), "exit_code": exit_code,
-        "restarts": max((e["restart"] for e in events), default=0),
+        "restarts": max(0, sum(e["kind"] == "start" for e in events) - 1),
         "wall_s": wall_s, "productive_s": sum(step_s.values()),
         "ettr": sum(step_s.values()) / wall_s if wall_s else None,
         "faults": faults,

@@ -4,12 +4,14 @@ with the right cause and rank, and reproduce the uninterrupted reference run's l
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO, read_jsonl, run_entry
+from fault.drill import drill_report
+from tests.helpers import REPO, free_port, read_jsonl, run_entry
 
 HANG_TIMEOUT_S = 4.0
 COMMON = ["train.steps=12", "fault/checkpoint=sync", "fault.checkpoint.every=3", "logging.wandb_mode=disabled",
@@ -123,3 +125,26 @@ def test_four_ranks_async_checkpoints_resume_bit_exact(tmp_path):
     assert f["resumed_from_step"] == 6 and f["target_rank"] == 2
     events = read_jsonl(out / "faulty" / "events.jsonl")
     assert all(e["block_s"] < e["write_s"] for e in events if e["kind"] == "checkpoint_commit")
+
+
+def test_two_agents_as_two_nodes_restart_together(tmp_path, reference):
+    """Multi-node as far as one machine allows: two torchrun agents (c10d rendezvous, one worker each) stand for
+    two nodes. A rank killed on one "node" makes both agents restart and the job resumes bit-exact."""
+    run_dir, port = tmp_path / "two_nodes", free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=two-nodes-{port}", "--max-restarts=2",
+           "-m", "experiments.train", *COMMON, "fault/chaos=kill_rank", *AT_STEP_8_ON_RANK_1,
+           f"hydra.run.dir={run_dir}"]
+    agents = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    try:
+        outputs = [a.communicate(timeout=180)[0] for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    assert all(a.returncode == 0 for a in agents), outputs[0][-3000:] + outputs[1][-3000:]
+    report = drill_report(run_dir, reference_dir=reference)
+    f = only_fault(report)
+    assert f["restarted"] and f["resumed_from_step"] == 6 and f["detect_s"] < 10
+    assert report["restarts"] == 1 and report["loss"]["bit_exact"], report["loss"]

@@ -183,3 +183,14 @@ def test_drill_arguments_split_and_user_overrides_win():
     assert merge_overrides(["a=1", "b=2"], ["+b=3"]) == ["a=1", "+b=3"]
     with pytest.raises(SystemExit, match="drill.nprocs is not a known key"):
         split_args(["drill.nprocs=4"])
+
+
+def test_drill_report_is_logged_to_wandb_offline(tmp_path):
+    from experiments.drill import log_to_wandb
+
+    report = {"faults": [{"fault": "kill", "step": 8, "target_rank": 1, "detected_cause": "terminated",
+                          "detect_s": 0.1, "recover_s": 4.0, "steps_lost": 1, "committed_steps_lost": 0}],
+              "ettr": 0.2, "restarts": 1, "wall_s": 13.0, "completed": True, "loss": {"bit_exact": True}}
+    log_to_wandb(report, tmp_path, "offline", "kill_rank")
+    runs = list(tmp_path.glob("wandb/offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
