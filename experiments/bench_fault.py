@@ -96,15 +96,17 @@ def main() -> None:
     p.add_argument("--model", default="small")
     p.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "fault.json"))
     a = p.parse_args()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu_name(), "cores": os.cpu_count(),
-              "python": platform.python_version(), "torch": torch.__version__}
+    out = Path(a.out)
+    result = json.loads(out.read_text()) if out.exists() else {}  # a section run keeps the other's figures
+    result.update({"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu_name(), "cores": os.cpu_count(),
+                   "python": platform.python_version(), "torch": torch.__version__})
     with tempfile.TemporaryDirectory(prefix="chuanliu-bench-fault-") as tmp:
         if a.section in ("all", "drills"):
             result["drills"] = drills(Path(tmp), a.nproc)
         if a.section in ("all", "checkpoint"):
             result["checkpoint"] = checkpoint_blocking(Path(tmp), a.nproc, a.model, steps=20, every=5)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {a.out}")
 
 

@@ -334,7 +334,7 @@ def build_fault_tolerance(run: Run, ckpt_cfg: CheckpointConfig, chaos_cfg: Chaos
     run.chaos.attach(run.engine.module)
     run.watchdog = Watchdog(watchdog_cfg, run_dir=run.run_dir, rank=info.rank, world_size=info.world_size,
                             events=run.events)
-    install_stop_handler(run.events, lambda: run.step)
+    install_stop_handler(run.events, lambda: run.step, run.watchdog)
     run.environment.update(checkpoint={"mode": ckpt_cfg.mode, "every": ckpt_cfg.every, "dir": str(ckpt_dir)},
                            resumed_from=run.resumed_from, restart=restart_count(), chaos=chaos_cfg.name)
     if info.is_main:
@@ -458,9 +458,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     except Exception as e:
         # A peer that died breaks the collective this rank was in; anything else is this rank's own failure.
         peer = isinstance(e, dist.DistError) or any(s in str(e) for s in PEER_FAILURE)
+        dead = run.watchdog.dead_ranks() if peer else []
         run.events.emit("detected", durable=True, cause="collective_failure" if peer else "exception",
-                        blamed_rank=None if peer else run.info.rank, step=run.step,
-                        detail=f"{type(e).__name__}: {e}"[:500])
+                        blamed_rank=(dead[0] if dead else None) if peer else run.info.rank, dead_ranks=dead,
+                        step=run.step, detail=f"{type(e).__name__}: {e}"[:500])
         raise
     if run.info.is_main:
         v = summary["vs_baichuan_7b"]

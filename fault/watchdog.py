@@ -156,6 +156,12 @@ class Watchdog:
                 continue  # a rank replacing its file right now; the next poll sees it
         return beats
 
+    def dead_ranks(self) -> list[int]:
+        """Ranks on this host whose process is gone (or a zombie): who crashed, as seen from a survivor."""
+        host = socket.gethostname()
+        return sorted(r for r, b in self.heartbeats().items()
+                      if b.get("host") == host and r != self.rank and not _alive(b["pid"]))
+
     def _watch(self) -> None:
         while not self._stop.wait(self.cfg.poll_s):
             limit = self.cfg.hang_timeout_s if self._first_step_done else self.cfg.startup_timeout_s
@@ -198,6 +204,20 @@ class Watchdog:
                 self.events.emit("straggler_recovered", rank=rank, step=b.get("step"), ratio=ratio)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child stays a zombie until its parent (the launcher) reaps it
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def lagging_rank(beats: dict[int, dict]) -> int | None:
     """The rank furthest behind: lowest step, then earliest phase, then oldest heartbeat."""
     if not beats:
@@ -219,11 +239,14 @@ def check_losses(step: int, rank_losses: list[float], events: EventLog, *, rank:
                         "restarts from the newest checkpoint)")
 
 
-def install_stop_handler(events: EventLog, step_fn) -> None:
-    """SIGTERM from the launcher means it stopped the job (a peer failed): record when, then exit at once."""
+def install_stop_handler(events: EventLog, step_fn, watchdog: Watchdog) -> None:
+    """SIGTERM from the launcher means it stopped the job (a peer failed): record when and who, then exit at once."""
     def handler(signum, frame):
-        events.emit("detected", durable=True, cause="terminated", blamed_rank=None, step=step_fn(),
-                    detail="stopped by the launcher (SIGTERM): another worker failed or the job was cancelled")
+        dead = watchdog.dead_ranks()
+        events.emit("detected", durable=True, cause="terminated", blamed_rank=dead[0] if dead else None,
+                    dead_ranks=dead, step=step_fn(),
+                    detail=f"stopped by the launcher (SIGTERM): another worker failed or the job was cancelled; "
+                    f"ranks whose process is gone on this host: {dead or 'none'}")
         os._exit(EXIT_TERMINATED)
 
     if threading.current_thread() is threading.main_thread():

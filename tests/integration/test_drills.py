@@ -54,6 +54,7 @@ def test_kill_rank_is_detected_and_resumed(tmp_path, reference):
     report = drill(tmp_path, reference, "kill_rank")
     f = only_fault(report)
     assert f["fault"] == "kill" and f["target_rank"] == 1 and f["restarted"]
+    assert f["blamed_rank"] == 1  # a survivor saw rank 1's process gone
     assert f["detect_s"] < 10 and f["recover_s"] is not None
     assert f["resumed_from_step"] == 6 and f["steps_lost"] == 1 and f["committed_steps_lost"] == 0
     assert report["restarts"] == 1
@@ -97,6 +98,7 @@ def test_kill_mid_save_never_exposes_a_partial_checkpoint(tmp_path, reference):
     report = drill(tmp_path, reference, "kill_mid_save")
     f = only_fault(report)
     assert f["step"] == 9 and f["resumed_from_step"] == 6  # the step-9 save died before its commit
+    assert f["detected_cause"] in ("terminated", "collective_failure") and f["blamed_rank"] == 1
     run = tmp_path / "kill_mid_save" / "faulty"
     commits = [e["step"] for e in read_jsonl(run / "events.jsonl") if e["kind"] == "checkpoint_commit"]
     assert commits.count(9) == 1  # committed once, by the restarted job
