@@ -11,12 +11,13 @@ import contextlib
 import hashlib
 import inspect
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -24,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 # The RoPE tables are the model's only buffers, identical constants: no buffer collective in each forward (which
 # also keeps the forward free of communication, so the watchdog can time it as the rank's own speed).
-NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
-                  if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False})
+_DDP_ARGS = inspect.signature(DDP.__init__).parameters
+NO_BUFFER_SYNC = {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
 
 
 @dataclass(kw_only=True)
@@ -35,7 +36,7 @@ class DDPConfig:
 
     def build(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, grad_clip: float,
               device: torch.device, scaler: torch.amp.GradScaler, bucket_bytes: int = 25 * 2**20,
-              comm_hook=None) -> "DDPEngine":
+              comm_hook=None) -> DDPEngine:
         return DDPEngine(model, optimizer, scheduler, cfg=self, grad_clip=grad_clip, device=device, scaler=scaler,
                          bucket_bytes=bucket_bytes, comm_hook=comm_hook)
 

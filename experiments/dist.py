@@ -95,7 +95,7 @@ def _elastic_stamp() -> str:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if run_id == "none" or not run_id.replace("-", "").replace("_", "").isalnum():
         return _now_stamp()
-    from systems.data import resolve_cache_dir  # noqa: PLC0415  (the cache dir rule lives with the data cache)
+    from systems.data import resolve_cache_dir
 
     path = resolve_cache_dir("~/.cache/chuanliu") / "elastic" / f"{run_id}.stamp"
     if path.exists():

@@ -16,9 +16,10 @@ import platform
 import random
 import socket
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,8 +43,8 @@ from fault.chaos import Chaos, ChaosConfig
 from fault.checkpoint import CheckpointConfig, CheckpointManager, Loaded, rng_state, set_rng_state
 from fault.events import EventLog, restart_count
 from fault.watchdog import FaultDetected, ForwardTimer, Watchdog, WatchdogConfig, check_losses, install_stop_handler
-from systems.data import DataConfig, build_data, resolve_cache_dir
 from systems import capabilities
+from systems.data import DataConfig, build_data, resolve_cache_dir
 from systems.fusion import FusionConfig
 from systems.memory import SavedTensorMeter, peak_memory_fn, total_memory_bytes
 from systems.model import ModelConfig, build_model, count_parameters
@@ -264,7 +265,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         "tokenizer_vocab": tokenizer.vocab_size, "seq_len": train.seq_len, "tokens_per_step": tokens_per_step,
         "micro_batch_size": train.micro_batch_size, "grad_accum_steps": train.grad_accum_steps,
         "precision": precision.compute_dtype, "loss_scaling": precision.loss_scaling, "kernels": kernels,
-        "compile_layers": fusion.compile_layers, "splitting": splitting.__dict__, "capabilities": capabilities.summary(),
+        "compile_layers": fusion.compile_layers, "splitting": splitting.__dict__,
+        "capabilities": capabilities.summary(),
         "topology": topology.describe() if topology else "1 rank", "comm_algorithm": algorithm.name,
         "overlap": overlap.enabled, "bucket": bucket.as_dict(),
     }

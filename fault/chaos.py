@@ -26,11 +26,11 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
-import torch.nn as nn
+from torch import nn
 
 from fault.events import EventLog, read_events
 
@@ -79,7 +79,7 @@ class ChaosConfig:
     def schedule(self, *, total_steps: int, world_size: int) -> list[FaultSpec]:
         """The faults of this run, in step order, every rank resolved; identical on every rank."""
         rng = random.Random(self.seed)
-        faults = [FaultSpec(**{**f.__dict__}) for f in self.faults]
+        faults = [FaultSpec(**f.__dict__) for f in self.faults]
         if self.mtbf_steps:
             step = 0.0
             while len(faults) < len(self.faults) + self.max_faults:

@@ -108,7 +108,8 @@ def compare_losses(faulty: dict[int, float | None], reference: dict[int, float |
     return {"compared_steps": len(common), "reference_steps": len(reference), "faulty_steps": len(faulty),
             "mismatched_steps": bad[:20], "n_mismatched": len(bad),
             "max_abs_diff": max((d for _, _, d in diffs), default=None),
-            "bit_exact": not bad and len(common) == len(reference), "missing_steps": sorted(set(reference) - set(faulty))}
+            "bit_exact": not bad and len(common) == len(reference),
+            "missing_steps": sorted(set(reference) - set(faulty))}
 
 
 def drill_report(run_dir: str | Path, *, reference_dir: str | Path | None = None, wall_s: float | None = None,
@@ -161,9 +162,9 @@ def format_report(report: dict[str, Any]) -> str:
              f"{'fault':<20}{'step':>5}{'rank':>5}  {'detected by':<20}{'detect s':>9}{'recover s':>10}"
              f"{'resumed@':>9}{'lost':>5}{'lost*':>6}"]
     for f in report["faults"]:
-        num = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append(f"{f['fault']:<20}{f['step']:>5}{f['target_rank']:>5}  {str(f['detected_cause']):<20}"
-                     f"{num(f['detect_s']):>9}{num(f['recover_s']):>10}{str(f.get('resumed_from_step', '-')):>9}"
+        num = lambda v: "-" if v is None else f"{v:.2f}"
+        lines.append(f"{f['fault']:<20}{f['step']:>5}{f['target_rank']:>5}  {f['detected_cause']!s:<20}"
+                     f"{num(f['detect_s']):>9}{num(f['recover_s']):>10}{f.get('resumed_from_step', '-')!s:>9}"
                      f"{f['steps_lost']:>5}{f['committed_steps_lost']:>6}")
     if not report["faults"]:
         lines.append("(no fault was injected)")

@@ -29,7 +29,7 @@ EVENTS_FILE = "events.jsonl"
 
 def restart_count() -> int:
     """How many times the launcher (torchrun's elastic agent) restarted this worker group; 0 outside torchrun."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 class EventLog:

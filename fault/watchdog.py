@@ -34,9 +34,9 @@ import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -117,7 +117,7 @@ class Watchdog:
         self._thread = threading.Thread(target=self._watch, name="chuanliu-watchdog", daemon=True)
         self._stragglers: set[int] = set()
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         self.beat(0, "start")
         if self.cfg.enabled:
             self._thread.start()

@@ -35,7 +35,7 @@ def drill(tmp_path, reference, chaos: str, *extra: str, schedule=AT_STEP_8_ON_RA
     cmd = [sys.executable, "-m", "experiments.drill", f"fault/chaos={chaos}", *COMMON, *schedule, *extra,
            f"drill.reference_dir={reference}", f"drill.out={out}", "drill.wandb_mode=disabled",
            "drill.timeout_s=150", "drill.max_restarts=2"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=200)
+    proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=200)
     assert (out / "drill_report.json").exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((out / "drill_report.json").read_text())
     launcher = (out / "faulty" / "launcher.log").read_text()
@@ -119,7 +119,7 @@ def test_four_ranks_async_checkpoints_resume_bit_exact(tmp_path):
     cmd = [sys.executable, "-m", "experiments.drill", "fault/chaos=kill_rank", *COMMON, "fault/checkpoint=async",
            "fault.chaos.faults.0.step=8", "fault.chaos.faults.0.rank=2", "drill.nproc=4", f"drill.out={out}",
            "drill.wandb_mode=disabled", "drill.timeout_s=200"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=450)
+    proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=450)
     report = json.loads((out / "drill_report.json").read_text())
     assert proc.returncode == 0 and report["completed"], proc.stdout[-3000:]
     assert report["loss"]["bit_exact"], report["loss"]
