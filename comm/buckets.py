@@ -62,7 +62,7 @@ class BucketConfig:
     candidates_mb: list[float] = field(default_factory=_default_candidates_mb)
     # cost_model: all-reduce sizes (KiB) timed to fit alpha and beta; at least two different sizes
     probe_sizes_kb: list[int] = field(default_factory=_default_probe_sizes_kb)
-    probe_iters: int = 5  # cost_model: timed all-reduces per probe size (the median counts)
+    probe_iters: int = 5  # cost_model: timed all-reduces per probe size (the fastest counts)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -108,15 +108,17 @@ def measure_alpha_beta(reduce: Callable[[torch.Tensor], None], sizes_bytes: list
 
     ``reduce`` is the collective the run will use (``comm.hierarchical.flat_all_reduce`` or a hook's own
     reduce, so an emulated slow link is included). Each size is warmed up once, then timed ``iters`` times
-    (after a barrier when a process group exists; the median counts). Collective: every rank must call it, and
+    (after a barrier when a process group exists). The fastest time counts: on a shared machine a pause only
+    ever adds time, so the minimum is the estimate least biased by noise, while a median of a few loaded samples
+    can make a bigger transfer look faster and the fitted slope vanish. Collective: every rank must call it, and
     every rank gets the same pair (the element-wise maximum over ranks).
     """
-    medians = [_median_reduce_s(reduce, n, iters) for n in sizes_bytes]
-    alpha, beta = _fit_nonnegative([float(n) for n in sizes_bytes], medians)
+    fastest = [_fastest_reduce_s(reduce, n, iters) for n in sizes_bytes]
+    alpha, beta = _fit_nonnegative([float(n) for n in sizes_bytes], fastest)
     return _agree_across_ranks(alpha, beta)
 
 
-def _median_reduce_s(reduce: Callable[[torch.Tensor], None], n_bytes: int, iters: int) -> float:
+def _fastest_reduce_s(reduce: Callable[[torch.Tensor], None], n_bytes: int, iters: int) -> float:
     tensor = torch.zeros(max(1, n_bytes // 4), dtype=torch.float32)  # zeros stay zeros however often summed
     reduce(tensor)  # warm-up: first-use allocations and connection set-up are not the link's cost
     times = []
@@ -126,19 +128,27 @@ def _median_reduce_s(reduce: Callable[[torch.Tensor], None], n_bytes: int, iters
         t0 = time.perf_counter()
         reduce(tensor)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def _fit_nonnegative(x: list[float], y: list[float]) -> tuple[float, float]:
-    """Least squares of y = alpha + beta * x with alpha, beta >= 0 (a negative one is 0, the other refit)."""
-    mx, my = statistics.fmean(x), statistics.fmean(y)
-    sxx = sum((xi - mx) ** 2 for xi in x)
-    beta = sum((xi - mx) * (yi - my) for xi, yi in zip(x, y)) / sxx
+    """Least squares of y = alpha + beta * x with alpha, beta >= 0 (a negative one is 0, the other refit).
+
+    Relative errors are minimised (each point weighted by 1 / y^2): probe sizes span three or four orders of
+    magnitude, and a plain fit lets the largest transfers decide alone, so a few percent of noise on a 16 MiB
+    all-reduce swamps the 4 KiB one that carries the latency.
+    """
+    w = [1.0 / max(yi, 1e-12) ** 2 for yi in y]
+    sw = sum(w)
+    mx = sum(wi * xi for wi, xi in zip(w, x)) / sw
+    my = sum(wi * yi for wi, yi in zip(w, y)) / sw
+    sxx = sum(wi * (xi - mx) ** 2 for wi, xi in zip(w, x))
+    beta = sum(wi * (xi - mx) * (yi - my) for wi, xi, yi in zip(w, x, y)) / sxx
     alpha = my - beta * mx
     if beta < 0:  # time did not grow with size: latency only
         return max(0.0, my), 0.0
     if alpha < 0:  # through the origin: bandwidth only
-        return 0.0, max(0.0, sum(xi * yi for xi, yi in zip(x, y)) / sum(xi * xi for xi in x))
+        return 0.0, max(0.0, sum(wi * xi * yi for wi, xi, yi in zip(w, x, y)) / sum(wi * xi * xi for wi, xi in zip(w, x)))
     return alpha, beta
 
 

@@ -28,7 +28,7 @@ CONFIGS = {
     "fixed": BucketConfig(policy="fixed", bucket_cap_mb=1.0),
     "gpu_count": BucketConfig(policy="gpu_count"),  # 40M elements: larger than the model, so one bucket
     "gpu_count_scaled": BucketConfig(policy="gpu_count", min_elements=100_000, elements_per_rank=300_000),
-    "cost_model": BucketConfig(policy="cost_model", probe_sizes_kb=[4, 64, 1024, 4096], probe_iters=3),
+    "cost_model": BucketConfig(policy="cost_model", probe_sizes_kb=[4, 1024, 8192, 16384], probe_iters=5),
 }
 BACKWARD_S = 0.02  # the backward time handed to the cost model (any fixed value: the test checks agreement)
 

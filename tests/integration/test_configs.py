@@ -152,7 +152,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     missing = (set(TYPED) | set(TARGETED)) - present
     assert not missing, f"composed config lacks {sorted(missing)}"
     for key in TARGETED:
-        assert "_target_" in cfg[key], f"{key} must name its dataclass with _target_"
+        assert "_target_" in OmegaConf.select(cfg, key), f"{key} must name its dataclass with _target_"
     objects: dict[str, Any] = {}
     for key in cfg:
         if isinstance(cfg[key], DictConfig):

@@ -166,12 +166,19 @@ def test_measure_alpha_beta_recovers_a_fake_links_parameters():
     assert got_alpha == pytest.approx(alpha, rel=0.3) and got_beta == pytest.approx(beta, rel=0.3)
 
 
-def test_fit_is_least_squares_with_nonnegative_coefficients():
+def test_fit_is_least_squares_of_relative_error_with_nonnegative_coefficients():
     x = [1.0, 2.0, 4.0, 8.0]
     assert _fit_nonnegative(x, [3 + 2 * xi for xi in x]) == (pytest.approx(3), pytest.approx(2))
-    assert _fit_nonnegative(x, [5.0, 4.0, 3.0, 2.0]) == (pytest.approx(3.5), 0.0)  # shrinking: latency only
-    alpha, beta = _fit_nonnegative(x, [0.5, 2.0, 4.0, 8.0])  # a negative intercept: through the origin
-    assert alpha == 0.0 and beta == pytest.approx(sum(xi * yi for xi, yi in zip(x, [0.5, 2, 4, 8])) / 85)
+    y = [5.0, 4.0, 3.0, 2.0]  # shrinking: latency only, the 1/y^2-weighted mean
+    assert _fit_nonnegative(x, y) == (pytest.approx(sum(1 / v for v in y) / sum(1 / v**2 for v in y)), 0.0)
+    y = [0.5, 2.0, 4.0, 8.0]  # a negative intercept: through the origin, weighted sum(w x y) / sum(w x^2)
+    alpha, beta = _fit_nonnegative(x, y)
+    assert alpha == 0.0 and beta == pytest.approx(sum(a / b for a, b in zip(x, y)) / sum((a / b) ** 2 for a, b in zip(x, y)))
+    # Relative weighting: 5% noise on the largest transfer does not wipe out a 1000x smaller latency point.
+    x = [4e3, 1e6, 8e6, 16e6]
+    clean = [20e-6 + 1e-9 * xi for xi in x]
+    alpha, beta = _fit_nonnegative(x, clean[:-1] + [clean[-1] * 0.95])
+    assert alpha == pytest.approx(20e-6, rel=0.2) and beta == pytest.approx(1e-9, rel=0.1)
 
 
 # ---------------------------------------------------------------- bad input
