@@ -124,9 +124,20 @@ def _rank_suffix() -> str:
     return "" if rank == 0 else f"_rank{rank}"
 
 
+def _sweep_group() -> str | None:
+    """The wandb group of a Hydra multirun job: its sweep directory's name (runs of one sweep share it)."""
+    from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
+    from hydra.types import RunMode  # noqa: PLC0415
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return f"sweep-{os.path.basename(hc.sweep.dir)}" if hc.mode == RunMode.MULTIRUN else None
+
+
 def register_resolvers() -> None:
     for name, fn in {"chuanliu_stamp": _run_stamp, "chuanliu_rank0": _rank0_only,
-                     "chuanliu_rank_suffix": _rank_suffix}.items():
+                     "chuanliu_rank_suffix": _rank_suffix, "chuanliu_sweep_group": _sweep_group}.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
 
 

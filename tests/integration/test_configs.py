@@ -83,12 +83,12 @@ CASES = [(group, option) for group, options in GROUPS.items() for option in opti
 # ---------------------------------------------------------------------------------------------------------
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str], *, with_hydra: bool = False) -> DictConfig:
     with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra.compose(config_name=PRIMARY, overrides=overrides)
+        return hydra.compose(config_name=PRIMARY, overrides=overrides, return_hydra_config=with_hydra)
 
 
-def compose_option(group: str, option: str) -> DictConfig:
+def compose_option(group: str, option: str, *, with_hydra: bool = False) -> DictConfig:
     """Select ``option`` of ``group``: ``group=option`` when the primary defaults list has the group (e.g.
     model, or an ``experiment: null`` slot), else ``+group=option`` (an @package _global_ preset, or a nested
     group). A nested group may instead be selected by a group option's own defaults list, so the other form
@@ -96,10 +96,10 @@ def compose_option(group: str, option: str) -> DictConfig:
     plain, append = f"{group}={option}", f"+{group}={option}"
     first, second = (plain, append) if group in IN_DEFAULTS else (append, plain)
     try:
-        return compose([first])
+        return compose([first], with_hydra=with_hydra)
     except ConfigCompositionException as first_error:
         try:
-            return compose([second])
+            return compose([second], with_hydra=with_hydra)
         except ConfigCompositionException:
             raise first_error from None
 
@@ -197,6 +197,8 @@ def test_option_composes_and_validates(group: str, option: str):
     own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     own.pop("defaults", None)
     package = option_package(path, group)
+    if "hydra" in own:  # a preset's sweep settings: only in a composition that returns the hydra node
+        cfg = compose_option(group, option, with_hydra=True)
     node = OmegaConf.select(cfg, package) if package else cfg
     assert node is not None, f"{group}={option}: nothing at package {package!r}"
     composed = leaves(OmegaConf.to_container(node, resolve=False))
@@ -204,6 +206,18 @@ def test_option_composes_and_validates(group: str, option: str):
         got = composed.get(key, "<missing>")
         assert key in composed and got == value, (
             f"{path.relative_to(REPO)}: {key}={value!r} but the composed config has {got!r}")
+
+
+SWEEPS = [(option, key, value) for option in GROUPS.get("experiment", [])
+          for key, values in (OmegaConf.load(CONF / "experiment" / f"{option}.yaml")
+                              .get("hydra", {}).get("sweeper", {}).get("params", {}) or {}).items()
+          for value in str(values).split(",")]
+
+
+@pytest.mark.parametrize(("option", "key", "value"), SWEEPS, ids=[f"{o}:{k}={v}" for o, k, v in SWEEPS])
+def test_every_job_of_a_preset_sweep_composes(option: str, key: str, value: str):
+    """`-m experiment=X` runs every combination of X's sweeper params; each value must compose with X."""
+    validate(compose([f"experiment={option}", f"{key}={value.strip()}"]))
 
 
 def test_baichuan_7b_has_the_published_shapes():
