@@ -664,6 +664,65 @@ def ensure_builtin_corpus(cache_dir: Path, *, n_files: int = 8, total_mb: float 
     return final_dir
 
 
+# Seed of the held-out streams. Held-out RNGs are seeded with strings ("heldout:<seed>:<category>") while
+# training files use integers (seed * 1_000_003 + index), so no held-out stream can replay a training file's.
+HELDOUT_SEED = 20240817
+
+
+def category_name(template: Callable[[random.Random, _World], list[str]]) -> str:
+    """Short name of a document template: _doc_arith_en -> "arith_en"."""
+    return template.__name__.removeprefix("_doc_")
+
+
+def _plain(doc: str) -> str:
+    """A document without its sprinkled rare characters: two documents equal up to those are the same text."""
+    lo, hi = RARE_CHAR_RANGE
+    return "".join(ch for ch in doc if not lo <= ord(ch) <= hi)
+
+
+def training_documents(*, n_files: int = 8, total_mb: float = 2.0, seed: int = 1234) -> set[str]:
+    """The documents of the built-in corpus with these parameters (rare characters removed), made in memory."""
+    _check_params(n_files, total_mb)
+    world = _make_world(seed)
+    target = max(1, int(total_mb * _BYTES_PER_MB / n_files))
+    # Documents never hold a blank line (see _document), so "\n\n" splits a file exactly into them.
+    return {_plain(doc) for i in range(n_files)
+            for doc in _file_text(seed, i, target, world).removesuffix("\n").split("\n\n")}
+
+
+def heldout_documents(per_category: int = 20, seed: int = HELDOUT_SEED, *, n_files: int = 8,
+                      total_mb: float = 2.0, corpus_seed: int = 1234) -> dict[str, list[str]]:
+    """per_category unseen documents of every template, keyed by category_name, from the training corpus's world.
+
+    The facts (cities, people) are those of the built-in corpus (n_files, total_mb, corpus_seed), so a model is
+    scored on what that corpus teaches; the text comes from a separate RNG stream per category, and any document
+    that occurs in the training corpus, or earlier in the held-out set, is dropped (compared without the sprinkled
+    rare characters, so a copy that differs only by them counts as seen). Deterministic; the first k documents
+    of a category do not depend on per_category.
+    """
+    if per_category < 1:
+        raise ValueError(f"per_category is {per_category} but must be at least 1.")
+    world = _make_world(corpus_seed)
+    seen = training_documents(n_files=n_files, total_mb=total_mb, seed=corpus_seed)
+    out = {}
+    for template, _ in _TEMPLATES:
+        name = category_name(template)
+        rng = random.Random(f"heldout:{seed}:{name}")
+        docs: list[str] = []
+        for _ in range(100 * per_category + 1000):  # bounded: a template with few distinct texts fails below
+            if len(docs) == per_category:
+                break
+            doc = _sprinkle_rare(rng, "\n".join(template(rng, world)))
+            if _plain(doc) not in seen:
+                seen.add(_plain(doc))
+                docs.append(doc)
+        if len(docs) < per_category:
+            raise ValueError(f"template {name} yields only {len(docs)} documents unseen in training; ask for "
+                             f"fewer than {per_category} per category.")
+        out[name] = docs
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: write the built-in corpus to a directory so a user can look at it."""
     parser = argparse.ArgumentParser(prog="python -m systems.corpus", description=__doc__.splitlines()[0])
