@@ -1,10 +1,12 @@
 """Hydra multiruns through the real entry point: each job lands in its own directory with its own metrics, a
 distributed sweep runs in lockstep on every rank, and the jobs of one sweep share a wandb group."""
 import json
+import subprocess
+import sys
 
 import yaml
 
-from tests.helpers import run_entry
+from tests.helpers import REPO, run_entry
 
 
 def _job_dirs(sweep_dir):
@@ -30,3 +32,13 @@ def test_a_preset_sweep_on_two_ranks_gives_each_job_its_own_run(tmp_path):
         offline = list((job / "wandb").glob("offline-run-*"))
         assert len(offline) == 1
         assert f"sweep-{sweep.name}" in (offline[0] / "logs" / "debug.log").read_text()
+
+    # The report over this distributed sweep: exposed communication is measured, and overlap on vs off is the one
+    # setting that differs, compared one-at-a-time.
+    report_proc = subprocess.run([sys.executable, "-m", "analysis.report", str(sweep), "--wandb", "disabled"],
+                                 cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert report_proc.returncode == 0, report_proc.stderr[-3000:]
+    report = json.loads((sweep / "report" / "report.json").read_text())
+    assert [row["label"] for row in report["rows"]] == ["comm/overlap=on", "comm/overlap=off"]
+    assert all(row["exposed_comm_ms"] is not None and row["exposed_comm_ms"] >= 0 for row in report["rows"])
+    assert [c["method"] for c in report["contributions"]] == ["one-at-a-time"]
