@@ -32,7 +32,7 @@ from analysis.metrics import MetricsProcessor
 from analysis.peaks import Peak, calibrate_cpu_peak, cpu_name, gpu_peak
 from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
 from comm.buckets import BucketConfig, choose_bucket_bytes
-from comm.ddp import DDPConfig, replica_digests
+from comm.engine import EngineInputs, replica_digests
 from comm.hierarchical import flat_all_reduce
 from comm.hooks import AlgorithmConfig, OverlapConfig, build_comm_hook
 from comm.slowlink import LinkConfig, SlowLink
@@ -201,7 +201,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     hw = typed(cfg.hardware, "hardware", HardwareConfig)
     log_cfg = typed(cfg.logging, "logging", LoggingConfig)
     optim_cfg = typed(cfg.optim, "optim", OptimConfig)
-    engine_cfg: DDPConfig = typed(cfg.engine, "engine")
+    engine_cfg = typed(cfg.engine, "engine")  # any engine config with build(EngineInputs) (comm/engine.py)
     fusion = typed(cfg.fusion, "fusion", FusionConfig)
     splitting = typed(cfg.splitting, "splitting", SplittingConfig)
     topology_cfg = typed(cfg.comm.topology, "comm.topology", TopologyConfig)
@@ -250,9 +250,10 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         bucket_cfg, grad_elements=n_params, grad_element_bytes=4,
         world_size=info.world_size, backward_s=estimate_backward_s(fpt, tokens_per_step // info.world_size, peak),
         reduce=reduce)
-    engine = engine_cfg.build(model, optimizer, scheduler, grad_clip=optim_cfg.grad_clip, device=device,
-                              scaler=precision.make_scaler(device.type), bucket_bytes=bucket.bucket_bytes,
-                              comm_hook=comm_hook)
+    engine = engine_cfg.build(EngineInputs(
+        model=model, optimizer=optimizer, scheduler=scheduler, grad_clip=optim_cfg.grad_clip, device=device,
+        scaler=precision.make_scaler(device.type), compute_dtype=precision.compute_dtype,
+        bucket_bytes=bucket.bucket_bytes, overlap=overlap.enabled, comm_hook=comm_hook))
     environment = {
         "device_type": device.type, "device_name": _device_name(device), "dtype": dtype,
         "peak_tflops": None if peak.flops is None else peak.flops / 1e12, "peak_source": peak.source,
@@ -415,7 +416,7 @@ def train_loop(run: Run) -> dict[str, Any]:
     run.checkpoint.wait()
     run.watchdog.stop()
     summary = run.metrics.summary(run.environment)
-    digests = replica_digests(run.engine.module)
+    digests = replica_digests(run.engine)
     summary["replicas"] = {"parameter_sha256": digests, "identical": len(set(digests)) == 1}
     if not summary["replicas"]["identical"]:
         log.error("model replicas differ across ranks at the end of training: %s", digests)
