@@ -269,7 +269,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         "compile_layers": fusion.compile_layers, "splitting": splitting.__dict__,
         "capabilities": capabilities.summary(),
         "topology": topology.describe() if topology else "1 rank", "comm_algorithm": algorithm.name,
-        "overlap": overlap.enabled, "bucket": bucket.as_dict(),
+        "overlap": overlap.enabled, "bucket": bucket.as_dict(), "engine": engine.knobs,
+        "engine_unhonoured": engine.unhonoured,
     }
     sinks = []
     if info.is_main:
@@ -278,6 +279,9 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         sinks = build_sinks(log_cfg, train, run_dir, cfg)
         log.info("peak for MFU: %s", peak.method)
         log.info("gradient buckets: %s", bucket.reason)
+        log.info("engine: %s", ", ".join(f"{k}={v}" for k, v in engine.knobs.items()))
+        for reason in engine.unhonoured:
+            log.warning("engine cannot honour a setting: %s", reason)
         log.info("operators: %s%s; splitting: %s; precision: %s", kernels,
                  " + compiled layers" if fusion.compile_layers else "",
                  {k: v for k, v in splitting.__dict__.items() if v is True} or "none", precision.compute_dtype)
