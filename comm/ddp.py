@@ -20,10 +20,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from comm.engine import EngineInputs
+from comm.engine import EngineInputs, gather_rank_losses
 
-# torch 2.13 renamed all_gather_into_tensor (a FutureWarning); older releases only have the old name.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 # The RoPE tables are the model's only buffers, identical constants: no buffer collective in each forward (which
 # also keeps the forward free of communication, so the watchdog can time it as the rank's own speed).
 _DDP_ARGS = inspect.signature(DDP.__init__).parameters
@@ -92,13 +90,8 @@ class DDPEngine:
                     loss = self.model(x, y) / n_micro
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        if not self.distributed:
-            self.rank_losses = [total.item()]
-            return total
-        gathered = torch.empty(dist.get_world_size(), device=total.device, dtype=total.dtype)
-        _all_gather(gathered, total.reshape(1))
-        self.rank_losses = gathered.tolist()
-        return gathered.mean()
+        mean, self.rank_losses = gather_rank_losses(total, self.distributed)
+        return mean
 
     def step(self) -> dict[str, float]:
         """Unscale, clip, step the optimizer (skipped on overflow) and the schedule.

@@ -32,6 +32,9 @@ class EngineInputs:
     bucket_bytes: int = 25 * 2**20  # from the comm/bucket policy
     overlap: bool = True  # comm/overlap: reduce gradients while backward still runs
     comm_hook: tuple | None = None  # (hook, state) from comm.hooks.build_comm_hook, or None (engine's own reduce)
+    # Builds (optimizer, scheduler) for a module: engines that replace the parameters (FSDP2's DTensors) build
+    # their optimizer again over the new ones, with the same parameter groups and schedule.
+    make_optimizer: Callable[[nn.Module], tuple[torch.optim.Optimizer, Any]] | None = None
 
 
 class Engine(Protocol):
@@ -78,3 +81,16 @@ def replica_digests(engine: Engine) -> list[str]:
     out: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(out, digest)
     return out
+
+
+# torch 2.13 renamed all_gather_into_tensor (a FutureWarning); older releases only have the old name.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def gather_rank_losses(total: torch.Tensor, distributed: bool) -> tuple[torch.Tensor, list[float]]:
+    """(mean loss over ranks, every rank's own loss): one all-gather, so a NaN can be traced to its rank."""
+    if not distributed:
+        return total, [total.item()]
+    gathered = torch.empty(dist.get_world_size(), device=total.device, dtype=total.dtype)
+    _all_gather(gathered, total.reshape(1))
+    return gathered.mean(), gathered.tolist()

@@ -192,6 +192,11 @@ def build_sinks(log_cfg: LoggingConfig, train: TrainConfig, run_dir: Path, cfg: 
     return sinks
 
 
+def _optimizer_and_schedule(model: torch.nn.Module, optim_cfg: OptimConfig, steps: int):
+    optimizer = build_optimizer(model, optim_cfg)
+    return optimizer, build_scheduler(optimizer, optim_cfg, steps)
+
+
 def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     info = dist_info()
     train = typed(cfg.train, "train", TrainConfig)
@@ -232,8 +237,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     n_params = count_parameters(model)
     kernels = transform_model(model, fusion=fusion, splitting=splitting, precision=precision,
                               device_type=device.type)
-    optimizer = build_optimizer(model, optim_cfg)
-    scheduler = build_scheduler(optimizer, optim_cfg, train.steps)
+    optimizer, scheduler = _optimizer_and_schedule(model, optim_cfg, train.steps)
     dtype = precision.peak_dtype(device.type)
     peak = measure_peak(hw, device, dtype, info)
     fpt = flops_per_token(n_layers=model_cfg.n_layers, dim=model_cfg.dim, ffn_dim=model_cfg.ffn_dim,
@@ -253,7 +257,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     engine = engine_cfg.build(EngineInputs(
         model=model, optimizer=optimizer, scheduler=scheduler, grad_clip=optim_cfg.grad_clip, device=device,
         scaler=precision.make_scaler(device.type), compute_dtype=precision.compute_dtype,
-        bucket_bytes=bucket.bucket_bytes, overlap=overlap.enabled, comm_hook=comm_hook))
+        bucket_bytes=bucket.bucket_bytes, overlap=overlap.enabled, comm_hook=comm_hook,
+        make_optimizer=lambda m: _optimizer_and_schedule(m, optim_cfg, train.steps)))
     environment = {
         "device_type": device.type, "device_name": _device_name(device), "dtype": dtype,
         "peak_tflops": None if peak.flops is None else peak.flops / 1e12, "peak_source": peak.source,
@@ -297,7 +302,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     run = Run(train=train, info=info, device=device, precision=precision, engine=engine, next_batch=next_batch,
               metrics=metrics, environment=environment, run_dir=run_dir, sync=sync,
-              peak_memory=peak_memory_fn(device), meter=SavedTensorMeter(model.parameters()),
+              peak_memory=peak_memory_fn(device), meter=SavedTensorMeter(engine.module.parameters()),
               show_progress=info.is_main and log_cfg.progress_bar, loader=loader,
               events=EventLog(run_dir, info.rank), checkpoint=None, chaos=None, watchdog=None,
               forward_timer=ForwardTimer(device))
