@@ -46,6 +46,9 @@ class DDPEngine:
         """bucket_bytes: from a comm.buckets policy. comm_hook: (hook, state) from comm.hooks.build_comm_hook, or
         None for DDP's native all-reduce."""
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.distributed and comm_hook is None and not overlap:
+            raise ValueError("comm.overlap.enabled=false with engine=ddp needs a chuanliu hook (DDP's native "
+                             "all-reduce always overlaps); use comm/algorithm=flat or hierarchical")
         self.raw = model
         self.model = model
         if self.distributed:
@@ -59,7 +62,6 @@ class DDPEngine:
         self.bucket_bytes = bucket_bytes
         self.knobs = {"engine": "ddp", "bucket_cap_mb": bucket_bytes / 2**20, "comm_hook": comm_hook is not None,
                       "overlap": overlap, "static_graph": cfg.static_graph}
-        # DDP's own all-reduce always overlaps backward; turning overlap off takes a chuanliu hook (checked earlier).
         self.unhonoured: list[str] = []
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
         self.scaler = scaler  # a disabled GradScaler passes everything through

@@ -62,6 +62,9 @@ class Engine(Protocol):
 
     def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None: ...  # after a resume
 
+    # Optional: an engine with its own checkpoint format (DeepSpeed) also defines native_save(dir) and
+    # native_load(dir); fault.checkpoint runs them inside the checkpoint directory it verifies and commits.
+
 
 def parameter_digest(params: dict[str, torch.Tensor]) -> str:
     """sha256 over every parameter's bytes, in name order: equal digests mean bit-identical replicas."""

@@ -338,7 +338,8 @@ def build_fault_tolerance(run: Run, ckpt_cfg: CheckpointConfig, chaos_cfg: Chaos
     run.checkpoint = CheckpointManager(ckpt_cfg, run_dir=run.run_dir, rank=info.rank, world_size=info.world_size,
                                        fingerprint=checkpoint_fingerprint(model_cfg, run.train), events=run.events)
     state = run.engine.sharded_state()
-    loaded = run.checkpoint.load(state)
+    # An engine with its own checkpoint format (DeepSpeed) writes and reads it inside the committed directory.
+    loaded = run.checkpoint.load(state, native=getattr(run.engine, "native_load", None))
     if loaded is not None:
         resume(run, state, loaded)
     run.chaos = Chaos(chaos_cfg, rank=info.rank, world_size=info.world_size, total_steps=run.train.steps,
@@ -376,7 +377,8 @@ def save_checkpoint(run: Run, step: int) -> float | None:
     per_rank = {"step": step, "engine": run.engine.local_state(), "loader": run.loader.state_dict(),
                 "rng": rng_state()}
     return run.checkpoint.save(step, sharded=run.engine.sharded_state(), per_rank=per_rank,
-                               before_commit=run.chaos.before_commit(step))
+                               before_commit=run.chaos.before_commit(step),
+                               native=getattr(run.engine, "native_save", None))
 
 
 def micro_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
