@@ -8,7 +8,6 @@ checkpoint state (``sharded_state``/``load_sharded_state``, ``local_state``/``lo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable
@@ -21,8 +20,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# torch 2.13 renamed all_gather_into_tensor (a FutureWarning); older releases only have the old name.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from comm.engine import EngineInputs, gather_rank_losses
+
 # The RoPE tables are the model's only buffers, identical constants: no buffer collective in each forward (which
 # also keeps the forward free of communication, so the watchdog can time it as the rank's own speed).
 _DDP_ARGS = inspect.signature(DDP.__init__).parameters
@@ -34,20 +33,22 @@ class DDPConfig:
     gradient_as_bucket_view: bool = True  # grads alias the buckets: one copy fewer
     static_graph: bool = False  # the graph is the same every step (lets DDP skip unused-parameter search)
 
-    def build(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, grad_clip: float,
-              device: torch.device, scaler: torch.amp.GradScaler, bucket_bytes: int = 25 * 2**20,
-              comm_hook=None) -> DDPEngine:
-        return DDPEngine(model, optimizer, scheduler, cfg=self, grad_clip=grad_clip, device=device, scaler=scaler,
-                         bucket_bytes=bucket_bytes, comm_hook=comm_hook)
+    def build(self, inputs: EngineInputs) -> DDPEngine:
+        i = inputs
+        return DDPEngine(i.model, i.optimizer, i.scheduler, cfg=self, grad_clip=i.grad_clip, device=i.device,
+                         scaler=i.scaler, bucket_bytes=i.bucket_bytes, comm_hook=i.comm_hook, overlap=i.overlap)
 
 
 class DDPEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, cfg: DDPConfig,
                  grad_clip: float, device: torch.device, scaler: torch.amp.GradScaler, bucket_bytes: int,
-                 comm_hook=None):
+                 comm_hook=None, overlap: bool = True):
         """bucket_bytes: from a comm.buckets policy. comm_hook: (hook, state) from comm.hooks.build_comm_hook, or
         None for DDP's native all-reduce."""
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.distributed and comm_hook is None and not overlap:
+            raise ValueError("comm.overlap.enabled=false with engine=ddp needs a chuanliu hook (DDP's native "
+                             "all-reduce always overlaps); use comm/algorithm=flat or hierarchical")
         self.raw = model
         self.model = model
         if self.distributed:
@@ -59,6 +60,9 @@ class DDPEngine:
             hook, self.comm_state = comm_hook
             self.model.register_comm_hook(self.comm_state, hook)
         self.bucket_bytes = bucket_bytes
+        self.knobs = {"engine": "ddp", "bucket_cap_mb": bucket_bytes / 2**20, "comm_hook": comm_hook is not None,
+                      "overlap": overlap, "static_graph": cfg.static_graph}
+        self.unhonoured: list[str] = []
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
         self.scaler = scaler  # a disabled GradScaler passes everything through
         self.skipped_steps = 0
@@ -68,6 +72,9 @@ class DDPEngine:
     def module(self) -> nn.Module:
         """The unwrapped model (for checkpoints and parameter inspection)."""
         return self.raw
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.raw.named_parameters()}
 
     def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
                          forward_context: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
@@ -85,13 +92,8 @@ class DDPEngine:
                     loss = self.model(x, y) / n_micro
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        if not self.distributed:
-            self.rank_losses = [total.item()]
-            return total
-        gathered = torch.empty(dist.get_world_size(), device=total.device, dtype=total.dtype)
-        _all_gather(gathered, total.reshape(1))
-        self.rank_losses = gathered.tolist()
-        return gathered.mean()
+        mean, self.rank_losses = gather_rank_losses(total, self.distributed)
+        return mean
 
     def step(self) -> dict[str, float]:
         """Unscale, clip, step the optimizer (skipped on overflow) and the schedule.
@@ -158,22 +160,3 @@ class DDPEngine:
         if state["scaler"]:  # a disabled scaler saves {}
             self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = state["skipped_steps"]
-
-
-def parameter_digest(module: nn.Module) -> str:
-    """sha256 over every parameter's bytes, in name order: equal digests mean bit-identical replicas."""
-    h = hashlib.sha256()
-    for name, p in sorted(module.named_parameters()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def replica_digests(module: nn.Module) -> list[str]:
-    """Every rank's parameter digest (one entry when not distributed). DDP replicas must all agree."""
-    digest = parameter_digest(module)
-    if not (dist.is_available() and dist.is_initialized()):
-        return [digest]
-    out: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(out, digest)
-    return out

@@ -102,10 +102,7 @@ def reduce_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Futu
 def build_comm_hook(algorithm: AlgorithmConfig, overlap: OverlapConfig, groups: HierarchicalGroups,
                     link: SlowLink) -> "tuple[Callable, CommState] | None":
     """The (hook, state) pair for DDP.register_comm_hook, or None for DDP's native all-reduce."""
-    if algorithm.name == "native":
-        if not overlap.enabled:
-            raise ValueError("comm.overlap.enabled=false needs a chuanliu hook (DDP's native all-reduce always "
-                             "overlaps); use comm/algorithm=flat or hierarchical")
+    if algorithm.name == "native":  # the engine's own reduction (overlap=off is each engine's to honour or refuse)
         if link.enabled:
             raise ValueError("the emulated slow link (comm.link) sits in chuanliu's collectives; use "
                              "comm/algorithm=flat or hierarchical with it")

@@ -39,13 +39,32 @@ class DistInfo:
 
 def dist_info() -> DistInfo:
     env = os.environ
+    if "RANK" not in env and env.get("SUBMITIT_EXECUTOR"):  # a task of Hydra's submitit launcher (Slurm/local)
+        return _submitit_info()
     world = int(env.get("WORLD_SIZE", 1))
     return DistInfo(rank=int(env.get("RANK", 0)), local_rank=int(env.get("LOCAL_RANK", 0)), world_size=world,
                     local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)))
 
 
+def _submitit_info() -> DistInfo:
+    import submitit  # noqa: PLC0415  (hydra-submitit-launcher's dependency)
+
+    job = submitit.JobEnvironment()
+    return DistInfo(rank=job.global_rank, local_rank=job.local_rank, world_size=job.num_tasks,
+                    local_world_size=job.num_tasks // job.num_nodes)
+
+
 def init_distributed() -> DistInfo:
-    """Join the launcher's process group (env://) when WORLD_SIZE > 1, and share rank 0's run stamp."""
+    """Join the launcher's process group (env://) when WORLD_SIZE > 1, and share rank 0's run stamp.
+
+    Launchers: torchrun and the DeepSpeed launcher set RANK/WORLD_SIZE/MASTER_*; a task of Hydra's submitit
+    launcher (hydra/launcher=submitit_slurm, one task per GPU) gets them from submitit's own
+    TorchDistributedEnvironment (Slurm's node list and task ids). Idempotent: the training job calls it again.
+    """
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR"):
+        import submitit.helpers  # noqa: PLC0415
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     info = dist_info()
     if info.world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 600)))

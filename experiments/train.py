@@ -19,6 +19,7 @@ from experiments.trainer import run_training
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    init_distributed()  # a no-op if done below; a task of Hydra's submitit launcher joins its group here
     run_training(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 

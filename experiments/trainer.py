@@ -32,7 +32,7 @@ from analysis.metrics import MetricsProcessor
 from analysis.peaks import Peak, calibrate_cpu_peak, cpu_name, gpu_peak
 from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
 from comm.buckets import BucketConfig, choose_bucket_bytes
-from comm.ddp import DDPConfig, replica_digests
+from comm.engine import EngineInputs, replica_digests
 from comm.hierarchical import flat_all_reduce
 from comm.hooks import AlgorithmConfig, OverlapConfig, build_comm_hook
 from comm.slowlink import LinkConfig, SlowLink
@@ -192,6 +192,11 @@ def build_sinks(log_cfg: LoggingConfig, train: TrainConfig, run_dir: Path, cfg: 
     return sinks
 
 
+def _optimizer_and_schedule(model: torch.nn.Module, optim_cfg: OptimConfig, steps: int):
+    optimizer = build_optimizer(model, optim_cfg)
+    return optimizer, build_scheduler(optimizer, optim_cfg, steps)
+
+
 def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     info = dist_info()
     train = typed(cfg.train, "train", TrainConfig)
@@ -201,7 +206,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     hw = typed(cfg.hardware, "hardware", HardwareConfig)
     log_cfg = typed(cfg.logging, "logging", LoggingConfig)
     optim_cfg = typed(cfg.optim, "optim", OptimConfig)
-    engine_cfg: DDPConfig = typed(cfg.engine, "engine")
+    engine_cfg = typed(cfg.engine, "engine")  # any engine config with build(EngineInputs) (comm/engine.py)
     fusion = typed(cfg.fusion, "fusion", FusionConfig)
     splitting = typed(cfg.splitting, "splitting", SplittingConfig)
     topology_cfg = typed(cfg.comm.topology, "comm.topology", TopologyConfig)
@@ -232,8 +237,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     n_params = count_parameters(model)
     kernels = transform_model(model, fusion=fusion, splitting=splitting, precision=precision,
                               device_type=device.type)
-    optimizer = build_optimizer(model, optim_cfg)
-    scheduler = build_scheduler(optimizer, optim_cfg, train.steps)
+    optimizer, scheduler = _optimizer_and_schedule(model, optim_cfg, train.steps)
     dtype = precision.peak_dtype(device.type)
     peak = measure_peak(hw, device, dtype, info)
     fpt = flops_per_token(n_layers=model_cfg.n_layers, dim=model_cfg.dim, ffn_dim=model_cfg.ffn_dim,
@@ -250,9 +254,11 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         bucket_cfg, grad_elements=n_params, grad_element_bytes=4,
         world_size=info.world_size, backward_s=estimate_backward_s(fpt, tokens_per_step // info.world_size, peak),
         reduce=reduce)
-    engine = engine_cfg.build(model, optimizer, scheduler, grad_clip=optim_cfg.grad_clip, device=device,
-                              scaler=precision.make_scaler(device.type), bucket_bytes=bucket.bucket_bytes,
-                              comm_hook=comm_hook)
+    engine = engine_cfg.build(EngineInputs(
+        model=model, optimizer=optimizer, scheduler=scheduler, grad_clip=optim_cfg.grad_clip, device=device,
+        scaler=precision.make_scaler(device.type), compute_dtype=precision.compute_dtype,
+        bucket_bytes=bucket.bucket_bytes, overlap=overlap.enabled, comm_hook=comm_hook,
+        make_optimizer=lambda m: _optimizer_and_schedule(m, optim_cfg, train.steps)))
     environment = {
         "device_type": device.type, "device_name": _device_name(device), "dtype": dtype,
         "peak_tflops": None if peak.flops is None else peak.flops / 1e12, "peak_source": peak.source,
@@ -268,7 +274,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         "compile_layers": fusion.compile_layers, "splitting": splitting.__dict__,
         "capabilities": capabilities.summary(),
         "topology": topology.describe() if topology else "1 rank", "comm_algorithm": algorithm.name,
-        "overlap": overlap.enabled, "bucket": bucket.as_dict(),
+        "overlap": overlap.enabled, "bucket": bucket.as_dict(), "engine": engine.knobs,
+        "engine_unhonoured": engine.unhonoured,
     }
     sinks = []
     if info.is_main:
@@ -277,6 +284,9 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         sinks = build_sinks(log_cfg, train, run_dir, cfg)
         log.info("peak for MFU: %s", peak.method)
         log.info("gradient buckets: %s", bucket.reason)
+        log.info("engine: %s", ", ".join(f"{k}={v}" for k, v in engine.knobs.items()))
+        for reason in engine.unhonoured:
+            log.warning("engine cannot honour a setting: %s", reason)
         log.info("operators: %s%s; splitting: %s; precision: %s", kernels,
                  " + compiled layers" if fusion.compile_layers else "",
                  {k: v for k, v in splitting.__dict__.items() if v is True} or "none", precision.compute_dtype)
@@ -292,7 +302,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     run = Run(train=train, info=info, device=device, precision=precision, engine=engine, next_batch=next_batch,
               metrics=metrics, environment=environment, run_dir=run_dir, sync=sync,
-              peak_memory=peak_memory_fn(device), meter=SavedTensorMeter(model.parameters()),
+              peak_memory=peak_memory_fn(device), meter=SavedTensorMeter(engine.module.parameters()),
               show_progress=info.is_main and log_cfg.progress_bar, loader=loader,
               events=EventLog(run_dir, info.rank), checkpoint=None, chaos=None, watchdog=None,
               forward_timer=ForwardTimer(device))
@@ -328,7 +338,8 @@ def build_fault_tolerance(run: Run, ckpt_cfg: CheckpointConfig, chaos_cfg: Chaos
     run.checkpoint = CheckpointManager(ckpt_cfg, run_dir=run.run_dir, rank=info.rank, world_size=info.world_size,
                                        fingerprint=checkpoint_fingerprint(model_cfg, run.train), events=run.events)
     state = run.engine.sharded_state()
-    loaded = run.checkpoint.load(state)
+    # An engine with its own checkpoint format (DeepSpeed) writes and reads it inside the committed directory.
+    loaded = run.checkpoint.load(state, native=getattr(run.engine, "native_load", None))
     if loaded is not None:
         resume(run, state, loaded)
     run.chaos = Chaos(chaos_cfg, rank=info.rank, world_size=info.world_size, total_steps=run.train.steps,
@@ -366,7 +377,8 @@ def save_checkpoint(run: Run, step: int) -> float | None:
     per_rank = {"step": step, "engine": run.engine.local_state(), "loader": run.loader.state_dict(),
                 "rng": rng_state()}
     return run.checkpoint.save(step, sharded=run.engine.sharded_state(), per_rank=per_rank,
-                               before_commit=run.chaos.before_commit(step))
+                               before_commit=run.chaos.before_commit(step),
+                               native=getattr(run.engine, "native_save", None))
 
 
 def micro_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -415,7 +427,7 @@ def train_loop(run: Run) -> dict[str, Any]:
     run.checkpoint.wait()
     run.watchdog.stop()
     summary = run.metrics.summary(run.environment)
-    digests = replica_digests(run.engine.module)
+    digests = replica_digests(run.engine)
     summary["replicas"] = {"parameter_sha256": digests, "identical": len(set(digests)) == 1}
     if not summary["replicas"]["identical"]:
         log.error("model replicas differ across ranks at the end of training: %s", digests)

@@ -235,8 +235,13 @@ class CheckpointManager:
         return self.cfg.enabled and (step % self.cfg.every == 0 or step == total_steps)
 
     def save(self, step: int, *, sharded: dict, per_rank: dict,
-             before_commit: Callable[[], None] | None = None) -> float:
-        """Save ``step``; returns the seconds training was blocked (async: waiting + staging only)."""
+             before_commit: Callable[[], None] | None = None,
+             native: Callable[[Path], None] | None = None) -> float:
+        """Save ``step``; returns the seconds training was blocked (async: waiting + staging only).
+
+        ``native(dir)``: an engine's own checkpoint writer (DeepSpeed), run on every rank into the uncommitted
+        directory before the DCP write, in the caller's thread even when async (it is collective and reads live
+        state); its files are verified and committed with the rest."""
         t0 = time.perf_counter()
         self.wait()  # one save in flight at most; this also re-raises a background failure
         tmp, final = self.dir / f".tmp-step_{step:06d}", self.dir / f"step_{step:06d}"
@@ -244,6 +249,8 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {final} already exists (from an earlier run); refusing to "
                                   f"overwrite it: set fault.checkpoint.dir to a new directory")
         tmp.mkdir(exist_ok=True)
+        if native is not None:
+            native(tmp)
         buf = io.BytesIO()
         torch.save(per_rank, buf)  # serialised now: the caller may change its objects as soon as we return
         writer = dcp.FileSystemWriter(tmp, sync_files=True)
@@ -331,8 +338,10 @@ class CheckpointManager:
                 self._pool.shutdown(wait=True)
 
     # ---- load -----------------------------------------------------------------------------------------------
-    def load(self, sharded: dict) -> Loaded | None:
-        """Load the checkpoint ``cfg.resume`` names into ``sharded`` (in place); None: start fresh."""
+    def load(self, sharded: dict, native: Callable[[Path], None] | None = None) -> Loaded | None:
+        """Load the checkpoint ``cfg.resume`` names into ``sharded`` (in place); None: start fresh.
+
+        ``native(dir)``: an engine's own checkpoint reader (DeepSpeed), called on every rank after the DCP load."""
         if not self.cfg.enabled or self.cfg.resume == "never":
             return None
         chosen = self._agree(self._choose)
@@ -341,6 +350,8 @@ class CheckpointManager:
         path, step = Path(chosen[0]), chosen[1]
         dcp.load(sharded, storage_reader=dcp.FileSystemReader(path), process_group=self._group,
                  no_dist=not self._distributed)
+        if native is not None:
+            native(path)
         # weights_only=False: the per-rank dict holds numpy RNG state and other objects; the file was written by
         # this module and its sha256 checked against the manifest.
         per_rank = torch.load(path / f"rank{self.rank:05d}.pt", weights_only=False)

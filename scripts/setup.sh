@@ -16,6 +16,7 @@ if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt "$0" ]; 
     || { echo "chuanliu needs Python >= 3.10; set PYTHON=/path/to/python3.11" >&2; exit 1; }
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+export DS_BUILD_OPS="${DS_BUILD_OPS:-0}"  # DeepSpeed without prebuilt C++ ops: ZeRO with torch's AdamW needs none
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[setup] NVIDIA GPU found: pip resolves a CUDA build of torch"
     "${pip[@]}" "torch>=2.4"

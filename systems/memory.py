@@ -39,7 +39,8 @@ class SavedTensorMeter:
     """
 
     def __init__(self, params):
-        self._param_storages = {p.untyped_storage().data_ptr() for p in params}
+        # Sharded engines (FSDP2) hold DTensor parameters: their local shard is the storage.
+        self._param_storages = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in params}
         self.last_bytes = 0
         self.peak_bytes = 0
 
@@ -47,6 +48,10 @@ class SavedTensorMeter:
         self.peak_bytes = 0
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        # A parameter or a view of one (a transposed weight), incl. FSDP2's all-gathered parameters, which live in
+        # buffers other than the shards the meter was given.
+        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+            return t
         try:
             storage = t.untyped_storage()
             key, nbytes = storage.data_ptr(), storage.nbytes()

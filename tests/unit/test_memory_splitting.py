@@ -4,6 +4,7 @@ import torch
 
 from analysis.flops import Recompute, flops_per_token
 from comm.ddp import DDPConfig
+from comm.engine import EngineInputs
 from systems.fusion import FusionConfig, apply_fusion
 from systems.memory import SavedTensorMeter
 from systems.model import ModelConfig, build_model, cross_entropy_loss
@@ -82,8 +83,9 @@ def test_fp16_overflow_skips_the_step_and_counts_it():
     precision = Precision(compute_dtype="fp16", loss_scaling="dynamic", init_scale=1e38)  # overflows for sure
     optim_cfg = OptimConfig(lr=1e-2, warmup_steps=0)
     opt = build_optimizer(model, optim_cfg)
-    engine = DDPConfig().build(model, opt, build_scheduler(opt, optim_cfg, 10), grad_clip=1.0,
-                               device=torch.device("cpu"), scaler=precision.make_scaler("cpu"))
+    engine = DDPConfig().build(EngineInputs(model=model, optimizer=opt, scheduler=build_scheduler(opt, optim_cfg, 10),
+                                            grad_clip=1.0, device=torch.device("cpu"),
+                                            scaler=precision.make_scaler("cpu"), compute_dtype="fp16"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     idx = torch.randint(0, CFG.vocab_size, (2, 65))
     engine.forward_backward([(idx[:, :-1], idx[:, 1:])], 1, lambda: precision.autocast("cpu"))

@@ -1,0 +1,265 @@
+"""The DeepSpeed engine: ZeRO stages 0-3 behind the training loop's one engine interface (comm/engine.py).
+
+Start with ``DeepSpeedConfig.build``: it turns chuanliu's decisions (precision, grad clip, the comm/bucket and
+comm/overlap policies) into a DeepSpeed config dict, or loads a DeepSpeed JSON verbatim (``config_json``, the
+Baichuan-7B preset), and calls ``deepspeed.initialize`` with the optimizer and schedule the loop built.
+
+Decisions, and why:
+- Buckets. DeepSpeed's ``reduce_bucket_size``/``allgather_bucket_size`` count ELEMENTS, not bytes (ZeRO allocates
+  ``bucket_size`` elements of the gradient dtype). Left at None they follow the comm/bucket policy:
+  ``bucket_bytes // 4`` (fp32 gradients; with bf16 the same element count is half the bytes).
+- Precision. ``bf16`` turns on DeepSpeed's ``bf16.enabled``: the module's weights become bf16 and the ZeRO optimizer
+  keeps fp32 master weights (chuanliu's own bf16 instead keeps fp32 weights under autocast). The loop's
+  ``forward_context`` is still entered around every forward: it carries the activation meter, the forward timer
+  and chaos injection, and its bf16 autocast on bf16 weights only keeps autocast's fp32 ops (losses) in fp32.
+  fp16 is refused on CPU by DeepSpeed itself; we refuse it earlier with the way out. fp8 has no DeepSpeed path.
+- Accumulation. The loop hands ``n_micro`` micro-batches then calls ``step()``. DeepSpeed's documented manual mode
+  does exactly that: ``set_gradient_accumulation_boundary(False)`` for all but the last micro-batch (gradients
+  accumulate locally, no reduction, like DDP's ``no_sync``), ``True`` for the last, ``backward(loss / n_micro,
+  scale_wrt_gas=False)`` each time and one ``engine.step()``. DeepSpeed's own ``gradient_accumulation_steps`` stays
+  1 (so its ``train_batch_size`` bookkeeping is per micro-batch; the loop's tokens/s figures are chuanliu's own).
+- Checkpoints. DeepSpeed's own format (``engine.save_checkpoint``: module, ZeRO optimizer partitions with the fp32
+  master weights, the lr schedule, step counters) is written by ``native_save(dir)`` into the checkpoint directory
+  that ``fault.checkpoint`` commits, and read back by ``native_load(dir)``; ``sharded_state`` adds the whole
+  weights for torch.distributed.checkpoint, a portable copy that other tools can read without DeepSpeed.
+- Start-up. DeepSpeed's communication backend JIT-builds its shared-memory all-reduce op in every process (about
+  18 s cold). That op serves only ``inference_all_reduce`` (tensor-parallel inference layers); ZeRO training never
+  calls it, so by default (``shm_comm=false``) we mark it unavailable and skip the build. With ``shm_comm=true`` the
+  build is cached under ``$CHUANLIU_CACHE/torch_extensions`` (unless ``TORCH_EXTENSIONS_DIR`` is set).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from comm.engine import EngineInputs
+
+GRAD_ELEMENT_BYTES = 4  # the comm/bucket policy sizes buckets for fp32 gradients
+NATIVE_DIR = "deepspeed"  # DeepSpeed's own checkpoint, inside a fault.checkpoint step directory
+NATIVE_TAG = "state"
+_SHM_OP = "deepspeed_shm_comm"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CHUANLIU_CACHE") or "~/.cache/chuanliu").expanduser()
+
+
+def import_deepspeed(shm_comm: bool):
+    """Import deepspeed with its CPU shared-memory comm op skipped (shm_comm=False) or built into a cache."""
+    if shm_comm:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_cache_dir() / "torch_extensions"))
+    import deepspeed  # noqa: PLC0415 (optional dependency: imported only when the engine is selected)
+    import deepspeed.ops
+
+    if not shm_comm:
+        # The dict DeepSpeed consults before building an op (build_shm_op in deepspeed/comm/torch.py); it is cached
+        # in the module, so the edit holds for the process.
+        deepspeed.ops.__compatible_ops__[_SHM_OP] = False
+    return deepspeed
+
+
+def deep_merge(base: Mapping, extra: Mapping) -> dict:
+    """base with extra's leaves written over it, as plain dicts (extra may be an OmegaConf node)."""
+    out = {k: deep_merge(v, {}) if isinstance(v, Mapping) else copy.deepcopy(v) for k, v in base.items()}
+    for k, v in extra.items():
+        out[k] = deep_merge(out.get(k, {}) if isinstance(out.get(k), Mapping) else {}, v) \
+            if isinstance(v, Mapping) else v
+    return out
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    zero_stage: int = 2  # 0: plain data parallel; 1: optimizer state; 2: + gradients; 3: + parameters
+    overlap_comm: bool | None = None  # None: follow comm/overlap
+    reduce_bucket_size: int | None = None  # ELEMENTS; None: the comm/bucket policy's bytes // 4
+    allgather_bucket_size: int | None = None  # ELEMENTS; None: as reduce_bucket_size
+    contiguous_gradients: bool = True  # copy gradients into one contiguous buffer as they are reduced
+    reduce_scatter: bool = True  # ZeRO-1/2 reduce gradients by reduce-scatter (False: all-reduce)
+    config_json: str | None = None  # a full DeepSpeed JSON used verbatim (relative: to the repo root); the
+    #                                 fields above and chuanliu's policies are then ignored, and said so
+    json_overrides: dict = field(default_factory=dict)  # deep-merged over config_json; each one is reported
+    shm_comm: bool = False  # build DeepSpeed's CPU shared-memory all-reduce op (inference only; ~18 s cold)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"engine.zero_stage={self.zero_stage} is unknown; use 0, 1, 2 or 3")
+
+    def json_config(self) -> dict:
+        """The DeepSpeed JSON named by config_json, as written in the file."""
+        path = Path(self.config_json)
+        if not path.is_absolute():
+            path = Path(__file__).resolve().parents[1] / path
+        return json.loads(path.read_text())
+
+    def ds_config(self, inputs: EngineInputs) -> tuple[dict, dict, list[str]]:
+        """The dict handed to deepspeed.initialize, the knobs used and the settings it cannot honour."""
+        i = inputs
+        if i.compute_dtype == "fp16" and i.device.type == "cpu":
+            raise ValueError("DeepSpeed refuses fp16 on CPU (its CPU accelerator has no fp16 support); "
+                             "use precision=bf16 or precision=fp32")
+        if i.compute_dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"engine=deepspeed has no {i.compute_dtype} path; use precision=bf16 or fp32, or "
+                             "engine=ddp for fp8")
+        unhonoured = []
+        if i.comm_hook is not None:
+            unhonoured.append("comm/algorithm's gradient hook (flat/hierarchical reduce) is a DDP comm hook; "
+                              "DeepSpeed reduces gradients with its own ZeRO collectives")
+        if i.scaler.is_enabled() and i.compute_dtype != "fp16":
+            unhonoured.append("precision.loss_scaling=dynamic: DeepSpeed scales losses only with fp16")
+        if self.config_json:
+            cfg = deep_merge(self.json_config(), self.json_overrides)
+            unhonoured += self._json_conflicts(cfg, i)
+        else:
+            if self.json_overrides:
+                raise ValueError("engine.json_overrides applies to engine.config_json, which is not set")
+            cfg = self._from_policies(i)
+        zero = cfg.get("zero_optimization", {})
+        knobs = {"engine": "deepspeed", "zero_stage": zero.get("stage", 0),
+                 "reduce_bucket_size": zero.get("reduce_bucket_size"),
+                 "allgather_bucket_size": zero.get("allgather_bucket_size"),
+                 "bucket_unit": "elements", "overlap_comm": zero.get("overlap_comm"),
+                 "contiguous_gradients": zero.get("contiguous_gradients"),
+                 "reduce_scatter": zero.get("reduce_scatter"),
+                 "bf16": cfg.get("bf16", {}).get("enabled", False),
+                 "gradient_clipping": cfg.get("gradient_clipping", 0.0),
+                 "config_json": self.config_json, "json_overrides": deep_merge({}, self.json_overrides) or None}
+        return cfg, knobs, unhonoured
+
+    def _from_policies(self, i: EngineInputs) -> dict:
+        bucket = self.reduce_bucket_size or max(1, i.bucket_bytes // GRAD_ELEMENT_BYTES)
+        zero: dict[str, Any] = {
+            "stage": self.zero_stage,
+            "overlap_comm": i.overlap if self.overlap_comm is None else self.overlap_comm,
+            "reduce_bucket_size": int(bucket),
+            "contiguous_gradients": self.contiguous_gradients,
+        }
+        if self.zero_stage in (1, 2):
+            zero.update(allgather_bucket_size=int(self.allgather_bucket_size or bucket),
+                        reduce_scatter=self.reduce_scatter)
+        elif self.zero_stage == 3:  # ZeRO-3 gathers parameters by its prefetch bucket instead
+            zero.update(stage3_prefetch_bucket_size=int(self.allgather_bucket_size or bucket))
+        return {
+            "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: the loop decides batches (see module doc)
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": max(0.0, i.grad_clip),
+            "bf16": {"enabled": i.compute_dtype == "bf16"},
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,  # torch AdamW from systems/optim.py
+            "steps_per_print": 2**31 - 1,  # chuanliu's metrics log; DeepSpeed's own step lines would repeat them
+            "wall_clock_breakdown": False,
+        }
+
+    @staticmethod
+    def _json_conflicts(cfg: dict, i: EngineInputs) -> list[str]:
+        """Where the verbatim JSON and chuanliu's settings disagree: the JSON wins, and we say so."""
+        out = []
+        bf16 = cfg.get("bf16", {}).get("enabled", False)
+        if bf16 != (i.compute_dtype == "bf16"):
+            out.append(f"precision={i.compute_dtype}: the DeepSpeed JSON sets bf16.enabled={bf16}, which wins")
+        if cfg.get("gradient_clipping", 0.0) != max(0.0, i.grad_clip):
+            out.append(f"optim.grad_clip={i.grad_clip}: the DeepSpeed JSON clips at {cfg.get('gradient_clipping')}")
+        out.append("comm/bucket and comm/overlap: the DeepSpeed JSON sets the bucket sizes and overlap_comm")
+        if "optimizer" in cfg:
+            out.append("the DeepSpeed JSON's optimizer section: the optim group's torch AdamW (and its schedule) "
+                       "is passed to DeepSpeed, which then uses it instead")
+        if cfg.get("gradient_accumulation_steps", 1) != 1 or cfg.get("train_micro_batch_size_per_gpu", 1) != 1:
+            out.append("the DeepSpeed JSON's batch sizes: train.micro_batch_size and train.grad_accum_steps decide")
+        return out
+
+    def build(self, inputs: EngineInputs) -> DeepSpeedEngine:
+        cfg, knobs, unhonoured = self.ds_config(inputs)
+        return DeepSpeedEngine(inputs, ds_config=cfg, knobs=knobs, unhonoured=unhonoured, shm_comm=self.shm_comm)
+
+
+class DeepSpeedEngine:
+    def __init__(self, inputs: EngineInputs, *, ds_config: dict, knobs: dict, unhonoured: list[str],
+                 shm_comm: bool = False):
+        deepspeed = import_deepspeed(shm_comm)
+        self.ds_config = ds_config  # exactly what DeepSpeed was given
+        self.knobs, self.unhonoured = knobs, unhonoured
+        self.scheduler = inputs.scheduler
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=inputs.model, optimizer=inputs.optimizer, lr_scheduler=inputs.scheduler,
+            config=copy.deepcopy(ds_config), dist_init_required=None)
+        self.zero3 = self.engine.zero_optimization_stage() == 3
+        self.bf16 = self.engine.bfloat16_enabled()
+        self.rank_losses: list[float] = []
+        self._deepspeed = deepspeed
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole on every rank: ZeRO-3 gathers its shards (a collective), other stages hold them."""
+        params = dict(self.engine.module.named_parameters())
+        with self._deepspeed.zero.GatheredParameters(list(params.values()), enabled=self.zero3):
+            return {name: p.detach().clone() for name, p in params.items()}
+
+    def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
+                         forward_context: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+        """Accumulate over ``n_micro`` micro-batches (reduced at the last one); the mean loss over all ranks."""
+        total = torch.zeros((), device=self.engine.device)
+        for i, (x, y) in enumerate(micro_batches):
+            self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
+            with forward_context():
+                loss = self.engine(x, y) / n_micro
+            self.engine.backward(loss, scale_wrt_gas=False)
+            total += loss.detach().float()
+        if not (dist.is_available() and dist.is_initialized()):
+            self.rank_losses = [total.item()]
+            return total
+        gathered = torch.empty(dist.get_world_size(), device=total.device, dtype=total.dtype)
+        dist.all_gather_into_tensor(gathered, total.reshape(1))
+        self.rank_losses = gathered.tolist()
+        return gathered.mean()
+
+    def step(self) -> dict[str, float]:
+        """DeepSpeed's step: reduce the last buckets, clip, step the optimizer and the schedule."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.engine.step()  # at the boundary set by forward_backward: steps the client lr scheduler too
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm.item() if torch.is_tensor(norm) else (norm if norm is not None else float("nan")))
+        scale = float(self.optimizer.cur_scale) if hasattr(self.optimizer, "cur_scale") and not self.bf16 else 1.0
+        return {"grad_norm": norm, "lr": lr, "loss_scale": scale, "skipped_steps": self.engine.skipped_steps}
+
+    # Checkpoints: DeepSpeed's own format via native_save/native_load; DCP gets a portable copy of the weights.
+    def sharded_state(self) -> dict[str, Any]:
+        return {"model": self.full_parameters()}
+
+    def load_sharded_state(self, state: dict[str, Any]) -> None:
+        """Nothing to do: native_load restored the weights together with the fp32 master weights (the weights in
+        DCP are a copy for readers without DeepSpeed; loading them alone would desynchronise the ZeRO master)."""
+
+    def native_save(self, path: Path) -> None:
+        """Write DeepSpeed's checkpoint into ``path/deepspeed`` (collective: every rank writes its partitions)."""
+        self.engine.save_checkpoint(str(Path(path) / NATIVE_DIR), tag=NATIVE_TAG, save_latest=False)
+
+    def native_load(self, path: Path) -> None:
+        d = Path(path) / NATIVE_DIR
+        if not (d / NATIVE_TAG).is_dir():
+            raise ValueError(f"checkpoint {path} holds no DeepSpeed state ({d / NATIVE_TAG} is missing): it was "
+                             "written by another engine; resume it with that engine, or start fresh")
+        loaded, _ = self.engine.load_checkpoint(str(d), tag=NATIVE_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise ValueError(f"DeepSpeed could not load its checkpoint from {d}")
+
+    def local_state(self) -> dict[str, Any]:
+        return {}  # the schedule and the step counters travel in DeepSpeed's checkpoint
+
+    def load_local_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None:
+        """Nothing to prime: ZeRO's buckets follow a fixed parameter order, the same before and after a resume."""

@@ -1,0 +1,99 @@
+"""The one interface between the training loop and a data-parallel engine (DDP, FSDP2, DeepSpeed, megatron-core).
+
+The loop builds ``EngineInputs`` once and hands them to the selected engine config's ``build``; from then on it
+only calls the methods of ``Engine`` below, never the engine's name. Each engine maps chuanliu's communication
+policies onto its own knobs (``knobs``: what it used, logged at start-up and stored in ``summary.json``) and says
+which it cannot honour (``unhonoured``), so a comparison never silently runs something else than it claims.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class EngineInputs:
+    """What every engine is built from: the model and optimizer the loop made, and the policies' decisions."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer  # a torch optimizer over model.parameters() (AdamW, fp32 state)
+    scheduler: Any  # a torch LR scheduler of that optimizer, stepped once per optimizer step
+    grad_clip: float  # max global grad norm; <= 0 disables clipping
+    device: torch.device
+    scaler: torch.amp.GradScaler  # disabled unless fp16 with loss scaling
+    compute_dtype: str = "fp32"  # the precision group's compute dtype: fp32 | bf16 | fp16 | fp8
+    bucket_bytes: int = 25 * 2**20  # from the comm/bucket policy
+    overlap: bool = True  # comm/overlap: reduce gradients while backward still runs
+    comm_hook: tuple | None = None  # (hook, state) from comm.hooks.build_comm_hook, or None (engine's own reduce)
+    # Builds (optimizer, scheduler) for a module: engines that replace the parameters (FSDP2's DTensors) build
+    # their optimizer again over the new ones, with the same parameter groups and schedule.
+    make_optimizer: Callable[[nn.Module], tuple[torch.optim.Optimizer, Any]] | None = None
+
+
+class Engine(Protocol):
+    knobs: dict[str, Any]  # the engine's own settings, as used (bucket sizes, overlap flags, ZeRO stage...)
+    unhonoured: list[str]  # chuanliu settings this engine could not apply, one sentence each
+    rank_losses: list[float]  # each rank's local loss of the last forward_backward
+
+    @property
+    def module(self) -> nn.Module: ...  # the unwrapped model (its parameters may be shards: FSDP2, ZeRO-3)
+
+    def full_parameters(self) -> dict[str, torch.Tensor]: ...  # every parameter whole, on every rank (collective)
+
+    def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
+                         forward_context: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor: ...
+
+    def step(self) -> dict[str, float]: ...  # grad_norm, lr, loss_scale, skipped_steps (+ comm/* when measured)
+
+    def sharded_state(self) -> dict[str, Any]: ...  # tensors for torch.distributed.checkpoint
+
+    def load_sharded_state(self, state: dict[str, Any]) -> None: ...
+
+    def local_state(self) -> dict[str, Any]: ...  # small per-rank state (scheduler, scaler, counters)
+
+    def load_local_state(self, state: dict[str, Any]) -> None: ...
+
+    def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None: ...  # after a resume
+
+    # Optional: an engine with its own checkpoint format (DeepSpeed) also defines native_save(dir) and
+    # native_load(dir); fault.checkpoint runs them inside the checkpoint directory it verifies and commits.
+
+
+def parameter_digest(params: dict[str, torch.Tensor]) -> str:
+    """sha256 over every parameter's bytes, in name order: equal digests mean bit-identical replicas."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(params[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def replica_digests(engine: Engine) -> list[str]:
+    """Every rank's digest of the whole parameters (one entry when not distributed); after a data-parallel step
+    they must all agree, whichever engine sharded them."""
+    digest = parameter_digest(engine.full_parameters())
+    if not (dist.is_available() and dist.is_initialized()):
+        return [digest]
+    out: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(out, digest)
+    return out
+
+
+# torch 2.13 renamed all_gather_into_tensor (a FutureWarning); older releases only have the old name.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def gather_rank_losses(total: torch.Tensor, distributed: bool) -> tuple[torch.Tensor, list[float]]:
+    """(mean loss over ranks, every rank's own loss): one all-gather, so a NaN can be traced to its rank."""
+    if not distributed:
+        return total, [total.item()]
+    gathered = torch.empty(dist.get_world_size(), device=total.device, dtype=total.dtype)
+    _all_gather(gathered, total.reshape(1))
+    return gathered.mean(), gathered.tolist()
