@@ -430,7 +430,9 @@ def techniques_from_config(cfg: dict) -> Techniques:
         flash_attn=attention != "eager", fused_ops=fused, recompute=recompute,
         chunked_ce=bool(_get(cfg, "splitting.chunked_ce", False)),
         precision={"fp8": "bf16"}.get(dtype, dtype),  # fp8 linears: no fp8 GEMM model here, predicted as bf16
-        zero_stage=int(_get(cfg, "engine.zero_stage", 0) or 0),
+        # DeepSpeed names its stage; FSDP2 shards parameters, gradients and optimizer state (ZeRO-3's layout)
+        zero_stage=int(_get(cfg, "engine.zero_stage", 0) or 0) or (3 if "fsdp2" in str(_get(cfg, "engine._target_",
+                                                                                             "")) else 0),
         collective="hierarchical" if algorithm == "hierarchical" else "flat",
         bucket_mb=None if policy == "gpu_count" else float(_get(cfg, "comm.bucket.bucket_cap_mb", 25.0)),
         # torch DDP's native hook always overlaps; flat/hierarchical follow comm.overlap
