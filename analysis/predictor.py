@@ -561,33 +561,72 @@ def _fit_relative(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return (a, c) if c >= 0 and a > 0 else (sxy / sxx, 0.0)
 
 
+def _nnls_relative(columns: list[list[float]], ys: list[float], scale: list[float] | None = None) -> list[float]:
+    """Non-negative least squares of y ~ sum_k coef_k * columns[k], each row's error divided by scale (default y:
+    relative error): every subset of the columns is solved and the best all-non-negative solution kept."""
+    import itertools
+
+    import numpy as np
+
+    div = np.array(scale if scale is not None else ys, dtype=float)
+    a = np.array(columns, dtype=float).T / div[:, None]
+    b = np.array(ys, dtype=float) / div
+    best, best_err = [0.0] * len(columns), float("inf")
+    for r in range(1, len(columns) + 1):
+        for subset in itertools.combinations(range(len(columns)), r):
+            coef, *_ = np.linalg.lstsq(a[:, subset], b, rcond=None)
+            if (coef < 0).any():
+                continue
+            err = float(np.sum((a[:, subset] @ coef - b) ** 2))
+            if err < best_err:
+                best_err, best = err, [0.0] * len(columns)
+                for k, c in zip(subset, coef):
+                    best[k] = float(c)
+    return best
+
+
 def calibrate(run_dirs: list[str | Path]) -> dict:
-    """Fit a FLOP efficiency e and a per-step overhead c on measured runs by least squares:
-    measured = flop_time_at_peak / e + memory_time + c, in relative error."""
+    """Fit this machine's GEMM efficiency e, memory bandwidth and a per-step overhead c on measured runs:
+    measured = flop_time_at_peak / e + bytes_moved / bandwidth + c, non-negative least squares in relative error.
+    The bandwidth is fitted rather than assumed: the memory-bound terms (norms, activations, cross-entropy,
+    optimizer) are a large share of a small model's step on a CPU, and a wrong bandwidth pushes e past 1."""
     cases = [_run_case(*_load_run(Path(d)), Path(d)) for d in run_dirs]
+    if len(cases) < 3:
+        raise ValueError("calibration needs at least three runs (three unknowns: efficiency, bandwidth, overhead)")
     unit = Efficiencies(gemm=1.0, flash_attn=1.0, hbm=1.0)
-    xs, ys = [], []
+    flop_s, mem_s, ys = [], [], []
     for cs in cases:
         p = predict(cs["model"], cs["cluster"], cs["tech"], seq_len=cs["seq"], micro_batch=cs["mb"],
                     grad_accum=cs["accum"], eff=unit)
-        flop_s = p.breakdown["gemm_s"] + p.breakdown["attention_s"]
-        xs.append(flop_s)
-        ys.append(cs["measured_step_s"] - (p.step_s - flop_s))  # what the FLOPs (and overhead) must explain
-    if len(xs) < 2:
-        raise ValueError("calibration needs at least two runs (two unknowns: efficiency and overhead)")
-    slope, overhead = _fit_relative(xs, ys)
-    eff = Efficiencies(gemm=1 / slope, flash_attn=1 / slope, hbm=1.0, step_overhead_s=overhead)
+        f = p.breakdown["gemm_s"] + p.breakdown["attention_s"]
+        flop_s.append(f)
+        mem_s.append(p.step_s - f)  # memory-bound time at CPU_MEM_GBPS (one process: no communication)
+        ys.append(cs["measured_step_s"])
+    inv_e, mem_scale, overhead = _nnls_relative([flop_s, mem_s, [1.0] * len(ys)], ys)
+    if inv_e <= 0:
+        raise ValueError("calibration found no compute term: the runs' step times do not grow with their FLOPs")
+    if inv_e < 1:  # faster than the measured GEMM peak is not physical: e = 1, the rest refitted
+        inv_e = 1.0
+        rest = [y - f for y, f in zip(ys, flop_s)]
+        mem_scale, overhead = _nnls_relative([mem_s, [1.0] * len(ys)], rest, scale=ys)
+    mem_gbps = CPU_MEM_GBPS / mem_scale if mem_scale > 0 else 1e6
+    eff = Efficiencies(gemm=1 / inv_e, flash_attn=1 / inv_e, hbm=1.0, step_overhead_s=overhead)
     runs = []
     for d, cs in zip(run_dirs, cases):
-        p = predict(cs["model"], cs["cluster"], cs["tech"], seq_len=cs["seq"], micro_batch=cs["mb"],
+        cluster = cpu_cluster(cs["cluster"].peak_tflops[cs["tech"].precision], cs["tech"].precision,
+                              cs["cluster"].gpus, mem_gbps=mem_gbps)
+        p = predict(cs["model"], cluster, cs["tech"], seq_len=cs["seq"], micro_batch=cs["mb"],
                     grad_accum=cs["accum"], eff=eff)
         meas = cs["measured_step_s"]
         runs.append({"run": str(d), "model": cs["model"].name, "micro_batch": cs["mb"], "seq_len": cs["seq"],
                      "techniques": asdict(cs["tech"]), "measured_step_s": meas, "predicted_step_s": p.step_s,
                      "error": (p.step_s - meas) / meas, "measured_peak_bytes": cs["measured_peak_bytes"],
                      "predicted_peak_bytes": p.peak_memory_bytes})
-    return {"cluster": asdict(cases[0]["cluster"]), "efficiencies": asdict(eff), "cpu_mem_gbps": CPU_MEM_GBPS,
-            "method": "relative least squares of each run's fastest step on FLOP time at the GEMM peak + overhead",
+    cluster = cpu_cluster(cases[0]["cluster"].peak_tflops[cases[0]["tech"].precision], cases[0]["tech"].precision,
+                          cases[0]["cluster"].gpus, mem_gbps=mem_gbps)
+    return {"cluster": asdict(cluster), "efficiencies": asdict(eff), "cpu_mem_gbps": mem_gbps,
+            "method": "non-negative least squares, relative error, of each run's fastest step on FLOP time at the "
+                      "GEMM peak, memory-bound bytes and a constant overhead",
             "runs": runs}
 
 

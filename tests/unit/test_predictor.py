@@ -116,3 +116,45 @@ def test_validation_matches_docs_json():
 def test_bad_input_names_the_choices(call, words):
     with pytest.raises(ValueError, match=words):
         call()
+
+
+def _fake_run(root: Path, name: str, model: str, micro_batch: int, step_s: float) -> Path:
+    """A run directory as experiments.train leaves it, with only what calibrate() reads."""
+    from omegaconf import OmegaConf
+
+    d = root / name
+    (d / ".hydra").mkdir(parents=True)
+    cfg = {"model": OmegaConf.to_container(OmegaConf.load(pr.REPO / "conf" / "model" / f"{model}.yaml")),
+           "precision": {"compute_dtype": "fp32"}, "fusion": {"attention": "sdpa"}}
+    (d / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    env = {"model": model, "seq_len": cfg["model"]["max_seq_len"], "micro_batch_size": micro_batch,
+           "grad_accum_steps": 1, "world_size": 1, "peak_tflops": 0.2, "summary_warmup_steps": 1}
+    (d / "summary.json").write_text(json.dumps({"environment": env, "median": {"perf/step_s": step_s}}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "perf/step_s": step_s * (2 if i == 1 else 1)})
+                                             + "\n" for i in range(1, 5)))
+    return d
+
+
+def test_calibration_recovers_a_known_machine(tmp_path):
+    """Step times made by the predictor itself for e = 0.8, 20 GB/s and 5 ms per step are fitted back."""
+    truth = pr.Efficiencies(gemm=0.8, flash_attn=0.8, hbm=1.0, step_overhead_s=0.005)
+    cpu = pr.cpu_cluster(0.2, "fp32", 1, mem_gbps=20.0)
+    tech = pr.Techniques(flash_attn=True, precision="fp32")
+    runs = []
+    for model, mb in [("tiny", 2), ("tiny", 16), ("small", 2), ("small", 8)]:
+        m = pr.load_model(model)
+        step = pr.predict(m, cpu, tech, seq_len=m_seq(model), micro_batch=mb, eff=truth).step_s
+        runs.append(_fake_run(tmp_path, f"{model}_{mb}", model, mb, step))
+    fit = pr.calibrate(runs)
+    assert fit["efficiencies"]["gemm"] == pytest.approx(0.8, rel=1e-3)
+    assert fit["cpu_mem_gbps"] == pytest.approx(20.0, rel=1e-3)
+    assert fit["efficiencies"]["step_overhead_s"] == pytest.approx(0.005, rel=1e-3)
+    assert all(abs(r["error"]) < 1e-3 for r in fit["runs"])  # the slow first step is not what counts
+    with pytest.raises(ValueError, match="at least three runs"):
+        pr.calibrate(runs[:2])
+
+
+def m_seq(model: str) -> int:
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(pr.REPO / "conf" / "model" / f"{model}.yaml").max_seq_len)
