@@ -188,6 +188,10 @@ class DeepSpeedEngine:
         self.ds_config = ds_config  # exactly what DeepSpeed was given
         self.knobs, self.unhonoured = knobs, unhonoured
         self.scheduler = inputs.scheduler
+        if not dist.is_initialized():  # one process: DeepSpeed needs a group, and would look for MPI to make one
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+                os.environ.setdefault(key, value)  # what a launcher would have set; DeepSpeed reads them
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=inputs.model, optimizer=inputs.optimizer, lr_scheduler=inputs.scheduler,
             config=copy.deepcopy(ds_config), dist_init_required=None)
