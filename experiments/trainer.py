@@ -337,11 +337,11 @@ def build_fault_tolerance(run: Run, ckpt_cfg: CheckpointConfig, chaos_cfg: Chaos
     ckpt_dir = Path(ckpt_cfg.dir) if ckpt_cfg.dir else run.run_dir / "checkpoints"
     run.checkpoint = CheckpointManager(ckpt_cfg, run_dir=run.run_dir, rank=info.rank, world_size=info.world_size,
                                        fingerprint=checkpoint_fingerprint(model_cfg, run.train), events=run.events)
-    state = run.engine.sharded_state()
-    # An engine with its own checkpoint format (DeepSpeed) writes and reads it inside the committed directory.
-    loaded = run.checkpoint.load(state, native=getattr(run.engine, "native_load", None))
+    # The engine's state dict is made only if there is a checkpoint to load (see CheckpointManager.load). An engine
+    # with its own checkpoint format (DeepSpeed) writes and reads it inside the committed directory.
+    loaded = run.checkpoint.load(run.engine.sharded_state, native=getattr(run.engine, "native_load", None))
     if loaded is not None:
-        resume(run, state, loaded)
+        resume(run, loaded.sharded, loaded)
     run.chaos = Chaos(chaos_cfg, rank=info.rank, world_size=info.world_size, total_steps=run.train.steps,
                       events=run.events, checkpoint_dir=ckpt_dir)
     run.chaos.attach(run.engine.module)

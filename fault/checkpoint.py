@@ -109,6 +109,7 @@ class Loaded:
     step: int
     path: Path
     per_rank: dict  # this rank's per_rank dict as saved
+    sharded: dict  # the DCP state, loaded in place
 
 
 def rng_state() -> dict:
@@ -338,15 +339,20 @@ class CheckpointManager:
                 self._pool.shutdown(wait=True)
 
     # ---- load -----------------------------------------------------------------------------------------------
-    def load(self, sharded: dict, native: Callable[[Path], None] | None = None) -> Loaded | None:
+    def load(self, sharded: dict | Callable[[], dict], native: Callable[[Path], None] | None = None) -> Loaded | None:
         """Load the checkpoint ``cfg.resume`` names into ``sharded`` (in place); None: start fresh.
 
+        ``sharded`` may be a function that makes the state dict, called only once a checkpoint was chosen: an
+        engine's state dict of a fresh optimizer is not free (torch's get_state_dict initialises an empty AdamW
+        state by stepping it with zero gradients, which would put its step count one ahead for the whole run).
         ``native(dir)``: an engine's own checkpoint reader (DeepSpeed), called on every rank after the DCP load."""
         if not self.cfg.enabled or self.cfg.resume == "never":
             return None
         chosen = self._agree(self._choose)
         if chosen is None:
             return None
+        if callable(sharded):
+            sharded = sharded()
         path, step = Path(chosen[0]), chosen[1]
         dcp.load(sharded, storage_reader=dcp.FileSystemReader(path), process_group=self._group,
                  no_dist=not self._distributed)
@@ -355,7 +361,7 @@ class CheckpointManager:
         # weights_only=False: the per-rank dict holds numpy RNG state and other objects; the file was written by
         # this module and its sha256 checked against the manifest.
         per_rank = torch.load(path / f"rank{self.rank:05d}.pt", weights_only=False)
-        return Loaded(step=step, path=path, per_rank=per_rank)
+        return Loaded(step=step, path=path, per_rank=per_rank, sharded=sharded)
 
     def _candidates(self) -> tuple[list[Path], bool]:
         """Checkpoints to try, newest first, and whether falling back to an older one is allowed."""

@@ -76,3 +76,25 @@ def test_fewer_files_than_ranks_is_a_clear_error(tmp_path):
     assert proc.returncode != 0
     assert "has 1 text files but the job has 2 ranks" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("checkpoint", ["off", "sync"])
+def test_the_first_update_is_adamw_first_step(tmp_path, checkpoint):
+    """Building a run must not touch the optimizer: torch's get_state_dict on a fresh AdamW initialises its state
+    with a zero-gradient step, which would leave Adam's step count one ahead (first update 0.73 lr, not lr)."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.trainer import build_run, micro_batches
+    from tests.helpers import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["train.steps=2", "logging=disabled", f"fault/checkpoint={checkpoint}"])
+    run = build_run(cfg, tmp_path / "run")
+    assert not run.engine.optimizer.state  # nothing stepped yet
+    norm = run.engine.module.model.layers[0].input_layernorm.weight  # no weight decay: update = lr x m/sqrt(v)
+    before = norm.detach().clone()
+    run.engine.forward_backward(micro_batches(run), 1, lambda: run.precision.autocast("cpu"))
+    lr = run.engine.step()["lr"]
+    assert int(run.engine.optimizer.state[norm]["step"]) == 1
+    moved = (norm.detach() - before).abs() / lr
+    assert moved.median().item() == pytest.approx(1.0, abs=1e-3)  # Adam's first step moves each weight by lr
