@@ -17,10 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from comm.engine import EngineInputs, gather_rank_losses
+from comm.engine import EngineInputs, TorchCheckpointState, gather_rank_losses
 
 # The RoPE tables are the model's only buffers, identical constants: no buffer collective in each forward (which
 # also keeps the forward free of communication, so the watchdog can time it as the rank's own speed).
@@ -39,7 +38,7 @@ class DDPConfig:
                          scaler=i.scaler, bucket_bytes=i.bucket_bytes, comm_hook=i.comm_hook, overlap=i.overlap)
 
 
-class DDPEngine:
+class DDPEngine(TorchCheckpointState):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, cfg: DDPConfig,
                  grad_clip: float, device: torch.device, scaler: torch.amp.GradScaler, bucket_bytes: int,
                  comm_hook=None, overlap: bool = True):
@@ -119,20 +118,7 @@ class DDPEngine:
             stats.update(self.comm_state.step_stats(), **{"comm/bucket_bytes": self.bucket_bytes})
         return stats
 
-
-    # Checkpoint state (fault.checkpoint): tensors through torch.distributed.checkpoint, the rest per rank.
-    def sharded_state(self) -> dict[str, Any]:
-        """Model and optimizer state as DCP expects it (replicated here; DCP writes each tensor once)."""
-        model_sd, optim_sd = get_state_dict(self.raw, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
-
-    def load_sharded_state(self, state: dict[str, Any]) -> None:
-        set_state_dict(self.raw, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-    def local_state(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "skipped_steps": self.skipped_steps}
-
+    # Checkpoint state: TorchCheckpointState (comm/engine.py).
     def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None:
         """After a resume: one throw-away forward/backward so DDP's gradient buckets are laid out as in a run that
         never stopped.
@@ -154,9 +140,3 @@ class DDPEngine:
         if self.comm_state is not None:
             self.comm_state.step_stats()
         torch.set_rng_state(rng)
-
-    def load_local_state(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # a disabled scaler saves {}
-            self.scaler.load_state_dict(state["scaler"])
-        self.skipped_steps = state["skipped_steps"]

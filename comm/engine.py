@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 
 @dataclass(kw_only=True)
@@ -64,6 +65,35 @@ class Engine(Protocol):
 
     # Optional: an engine with its own checkpoint format (DeepSpeed) also defines native_save(dir) and
     # native_load(dir); fault.checkpoint runs them inside the checkpoint directory it verifies and commits.
+
+
+class TorchCheckpointState:
+    """Checkpoint state of an engine that steps a torch optimizer over ``module``'s parameters (DDP, FSDP2,
+    megatron-core): model and optimizer through torch.distributed.checkpoint (replicated tensors are written once,
+    DTensor shards by their owners), the schedule, the loss scaler and the skipped-step count per rank."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    skipped_steps: int
+
+    def sharded_state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_sharded_state(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def local_state(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "skipped_steps": self.skipped_steps}
+
+    def load_local_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # a disabled scaler saves {}
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps = state["skipped_steps"]
 
 
 def parameter_digest(params: dict[str, torch.Tensor]) -> str:

@@ -27,12 +27,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from comm.engine import EngineInputs, gather_rank_losses
+from comm.engine import EngineInputs, TorchCheckpointState, gather_rank_losses
 
 
 @dataclass(kw_only=True)
@@ -57,7 +56,7 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-class FSDP2Engine:
+class FSDP2Engine(TorchCheckpointState):
     def __init__(self, inputs: EngineInputs, cfg: FSDP2Config):
         if inputs.compute_dtype == "fp16":
             raise ValueError("engine=fsdp2 with precision=fp16 needs a sharded gradient scaler, which chuanliu does "
@@ -129,20 +128,6 @@ class FSDP2Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": grad_norm.item(), "lr": lr, "loss_scale": 1.0, "skipped_steps": self.skipped_steps}
 
-    # Checkpoint state: DCP saves DTensor shards natively (each rank writes its own shard).
-    def sharded_state(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
-
-    def load_sharded_state(self, state: dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-    def local_state(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict(), "skipped_steps": self.skipped_steps}
-
-    def load_local_state(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.skipped_steps = state["skipped_steps"]
-
+    # Checkpoint state: TorchCheckpointState (comm/engine.py); DCP saves DTensor shards natively.
     def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None:
         """Nothing to prime: FSDP2's collectives do not depend on a first-iteration layout."""

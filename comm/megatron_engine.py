@@ -35,9 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from comm.engine import EngineInputs, gather_rank_losses
+from comm.engine import EngineInputs, TorchCheckpointState, gather_rank_losses
 from comm.megatron_cpu import cpu_bridges
 
 
@@ -85,7 +84,7 @@ def _init_parallel_state(parallel_state) -> None:
                                                  create_gloo_process_groups=False)
 
 
-class MegatronEngine:
+class MegatronEngine(TorchCheckpointState):
     def __init__(self, inputs: EngineInputs, cfg: MegatronConfig):
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.raw = inputs.model
@@ -201,25 +200,8 @@ class MegatronEngine:
             self.ddp.zero_grad_buffer()
         return {"grad_norm": grad_norm.item(), "lr": lr, "loss_scale": scale, "skipped_steps": self.skipped_steps}
 
-    # Checkpoint state: parameters and optimizer state are replicated (DCP writes each tensor once); the gradient
-    # buffer is empty between steps and is not saved.
-    def sharded_state(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.raw, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
-
-    def load_sharded_state(self, state: dict[str, Any]) -> None:
-        set_state_dict(self.raw, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-    def local_state(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "skipped_steps": self.skipped_steps}
-
-    def load_local_state(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # a disabled scaler saves {}
-            self.scaler.load_state_dict(state["scaler"])
-        self.skipped_steps = state["skipped_steps"]
-
+    # Checkpoint state: TorchCheckpointState (comm/engine.py); the gradient buffer is empty between steps and is
+    # not saved.
     def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None:
         """Nothing to prime: megatron's buckets follow parameter order, fixed at construction, so a resumed run
         reduces exactly as one that never stopped (its first batch only launches the all-reduces from

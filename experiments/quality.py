@@ -12,7 +12,6 @@ analysis.quality does the arithmetic. Writes quality.json and quality.md to --ou
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import warnings
@@ -27,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from analysis.quality import DEFAULT_MARGIN, DEFAULT_MIN_RATE, DocLoss, compare, to_json, to_markdown
 from experiments.config import typed
-from fault.checkpoint import FORMAT, MANIFEST, newest_committed
+from fault.checkpoint import FORMAT, MANIFEST, file_sha256, newest_committed
 from systems.corpus import HELDOUT_SEED, heldout_documents
 from systems.data import DataConfig
 from systems.model import ModelConfig, build_model
@@ -55,14 +54,6 @@ class RunCheckpoint:
     step: int
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify(ckpt: Path) -> int:
     """Check a committed checkpoint against its manifest (format, sizes, sha256); return its step."""
     try:
@@ -71,7 +62,7 @@ def _verify(ckpt: Path) -> int:
             raise ValueError(f"format is {manifest.get('format')!r}, not {FORMAT}")
         for name, info in manifest["files"].items():
             f = ckpt / name
-            if not f.is_file() or f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+            if not f.is_file() or f.stat().st_size != info["bytes"] or file_sha256(f) != info["sha256"]:
                 raise ValueError(f"{name} is missing or does not match the manifest")
         return int(manifest["step"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -105,7 +96,7 @@ def load_run(run: Path, step: int | None) -> RunCheckpoint:
     except Exception as e:  # noqa: BLE001 (unreadable YAML, missing node or bad value: all bad input here)
         raise QualityError(f"{config} does not hold a usable run config ({type(e).__name__}: {e})") from None
     ckpt = _pick_checkpoint(run, step)
-    return RunCheckpoint(path=run, model=model, data=data, tokenizer_sha256=_sha256(tokenizer), checkpoint=ckpt,
+    return RunCheckpoint(path=run, model=model, data=data, tokenizer_sha256=file_sha256(tokenizer), checkpoint=ckpt,
                          step=_verify(ckpt))
 
 

@@ -149,7 +149,7 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -294,7 +294,7 @@ class CheckpointManager:
             raise RuntimeError(f"checkpoint step {step} was not committed: rank 0 failed to commit {tmp}")
 
     def _commit(self, step: int, tmp: Path, final: Path, t0: float, block_s: float | None) -> None:
-        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"format": FORMAT, "step": step, "world_size": self.world_size,
                     "fingerprint": self.fingerprint, "time": time.time(), "torch": torch.__version__,
@@ -437,7 +437,7 @@ class CheckpointManager:
                 raise _Corrupt(f"{name} is missing")
             if f.stat().st_size != info["bytes"]:
                 raise _Corrupt(f"{name} has {f.stat().st_size} bytes, the manifest says {info['bytes']}")
-            if self.cfg.verify and _sha256(f) != info["sha256"]:
+            if self.cfg.verify and file_sha256(f) != info["sha256"]:
                 raise _Corrupt(f"{name} fails its sha256 check")
 
     def _check_compatible(self, path: Path, manifest: dict) -> None:
