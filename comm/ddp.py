@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from comm.engine import EngineInputs, TorchCheckpointState, gather_rank_losses
+from comm.engine import EngineInputs, TorchOptimizerEngine, gather_rank_losses
 
 # The RoPE tables are the model's only buffers, identical constants: no buffer collective in each forward (which
 # also keeps the forward free of communication, so the watchdog can time it as the rank's own speed).
@@ -38,7 +37,7 @@ class DDPConfig:
                          scaler=i.scaler, bucket_bytes=i.bucket_bytes, comm_hook=i.comm_hook, overlap=i.overlap)
 
 
-class DDPEngine(TorchCheckpointState):
+class DDPEngine(TorchOptimizerEngine):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, cfg: DDPConfig,
                  grad_clip: float, device: torch.device, scaler: torch.amp.GradScaler, bucket_bytes: int,
                  comm_hook=None, overlap: bool = True):
@@ -95,30 +94,13 @@ class DDPEngine(TorchCheckpointState):
         return mean
 
     def step(self) -> dict[str, float]:
-        """Unscale, clip, step the optimizer (skipped on overflow) and the schedule.
-
-        Returns the pre-clip global grad norm, the lr used, the loss scale and the running count of steps the
-        scaler skipped because gradients overflowed.
-        """
-        self.scaler.unscale_(self.optimizer)
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        # Dynamic scaling lowers the scale only when it found inf/nan and skipped optimizer.step().
-        self.skipped_steps += self.scaler.get_scale() < scale
-        with warnings.catch_warnings():  # a skipped step still advances the schedule, by design
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        stats = {"grad_norm": grad_norm.item(), "lr": lr, "loss_scale": scale, "skipped_steps": self.skipped_steps}
+        """The shared optimizer step (TorchOptimizerEngine), plus this step's timings from a chuanliu hook."""
+        stats = self._optimizer_step()
         if self.comm_state is not None:
             stats.update(self.comm_state.step_stats(), **{"comm/bucket_bytes": self.bucket_bytes})
         return stats
 
-    # Checkpoint state: TorchCheckpointState (comm/engine.py).
+    # Checkpoint state: TorchOptimizerEngine (comm/engine.py).
     def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None:
         """After a resume: one throw-away forward/backward so DDP's gradient buckets are laid out as in a run that
         never stopped.

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from comm.engine import EngineInputs
+from comm.engine import EngineInputs, gather_rank_losses
 
 GRAD_ELEMENT_BYTES = 4  # the comm/bucket policy sizes buckets for fp32 gradients
 NATIVE_DIR = "deepspeed"  # DeepSpeed's own checkpoint, inside a fault.checkpoint step directory
@@ -220,13 +220,8 @@ class DeepSpeedEngine:
                 loss = self.engine(x, y) / n_micro
             self.engine.backward(loss, scale_wrt_gas=False)
             total += loss.detach().float()
-        if not (dist.is_available() and dist.is_initialized()):
-            self.rank_losses = [total.item()]
-            return total
-        gathered = torch.empty(dist.get_world_size(), device=total.device, dtype=total.dtype)
-        dist.all_gather_into_tensor(gathered, total.reshape(1))
-        self.rank_losses = gathered.tolist()
-        return gathered.mean()
+        mean, self.rank_losses = gather_rank_losses(total, dist.is_available() and dist.is_initialized())
+        return mean
 
     def step(self) -> dict[str, float]:
         """DeepSpeed's step: reduce the last buckets, clip, step the optimizer and the schedule."""

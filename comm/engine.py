@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,16 +68,41 @@ class Engine(Protocol):
     # native_load(dir); fault.checkpoint runs them inside the checkpoint directory it verifies and commits.
 
 
-class TorchCheckpointState:
-    """Checkpoint state of an engine that steps a torch optimizer over ``module``'s parameters (DDP, FSDP2,
-    megatron-core): model and optimizer through torch.distributed.checkpoint (replicated tensors are written once,
-    DTensor shards by their owners), the schedule, the loss scaler and the skipped-step count per rank."""
+class TorchOptimizerEngine:
+    """What the engines that step a torch optimizer over ``module``'s parameters share (DDP, FSDP2, megatron-core):
+    the optimizer step, and the checkpoint state: model and optimizer through torch.distributed.checkpoint
+    (replicated tensors are written once, DTensor shards by their owners), the schedule, the loss scaler and the
+    skipped-step count per rank."""
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    scaler: torch.amp.GradScaler
+    scaler: torch.amp.GradScaler  # disabled unless fp16: then it passes everything through
+    grad_clip: float
     skipped_steps: int
+
+    def _optimizer_step(self) -> dict[str, float]:
+        """Unscale, clip, step the optimizer (skipped on overflow) and the schedule; zero the gradients.
+
+        Returns the pre-clip global grad norm, the lr used, the loss scale and the running count of steps the
+        scaler skipped because gradients overflowed."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm
+            grad_norm = grad_norm.full_tensor()
+        lr = self.optimizer.param_groups[0]["lr"]
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # Dynamic scaling lowers the scale only when it found inf/nan and skipped optimizer.step().
+        self.skipped_steps += self.scaler.get_scale() < scale
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, by design
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
+        # set_to_none: megatron-core's .grad aliases its buffer, which must not be accumulated into twice.
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": grad_norm.item(), "lr": lr, "loss_scale": scale, "skipped_steps": self.skipped_steps}
 
     def sharded_state(self) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)

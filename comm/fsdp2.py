@@ -19,7 +19,6 @@ Mapping chuanliu's communication policies onto FSDP2:
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from comm.engine import EngineInputs, TorchCheckpointState, gather_rank_losses
+from comm.engine import EngineInputs, TorchOptimizerEngine, gather_rank_losses
 
 
 @dataclass(kw_only=True)
@@ -56,7 +55,7 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-class FSDP2Engine(TorchCheckpointState):
+class FSDP2Engine(TorchOptimizerEngine):
     def __init__(self, inputs: EngineInputs, cfg: FSDP2Config):
         if inputs.compute_dtype == "fp16":
             raise ValueError("engine=fsdp2 with precision=fp16 needs a sharded gradient scaler, which chuanliu does "
@@ -116,18 +115,8 @@ class FSDP2Engine(TorchCheckpointState):
         return mean
 
     def step(self) -> dict[str, float]:
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": grad_norm.item(), "lr": lr, "loss_scale": 1.0, "skipped_steps": self.skipped_steps}
+        return self._optimizer_step()
 
-    # Checkpoint state: TorchCheckpointState (comm/engine.py); DCP saves DTensor shards natively.
+    # Checkpoint state: TorchOptimizerEngine (comm/engine.py); DCP saves DTensor shards natively.
     def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None:
         """Nothing to prime: FSDP2's collectives do not depend on a first-iteration layout."""

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from comm.engine import EngineInputs, TorchCheckpointState, gather_rank_losses
+from comm.engine import EngineInputs, TorchOptimizerEngine, gather_rank_losses
 from comm.megatron_cpu import cpu_bridges
 
 
@@ -84,7 +84,7 @@ def _init_parallel_state(parallel_state) -> None:
                                                  create_gloo_process_groups=False)
 
 
-class MegatronEngine(TorchCheckpointState):
+class MegatronEngine(TorchOptimizerEngine):
     def __init__(self, inputs: EngineInputs, cfg: MegatronConfig):
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.raw = inputs.model
@@ -182,25 +182,12 @@ class MegatronEngine(TorchCheckpointState):
     def step(self) -> dict[str, float]:
         if self.ddp is not None:
             self._ready_grads()
-        self.scaler.unscale_(self.optimizer)
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.skipped_steps += self.scaler.get_scale() < scale
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-            self.scheduler.step()
-        # .grad must be None before the next backward: an alias of main_grad would make autograd accumulate
-        # into the buffer and megatron's hook add the same gradient a second time.
-        self.optimizer.zero_grad(set_to_none=True)
+        stats = self._optimizer_step()
         if self.ddp is not None:
             self.ddp.zero_grad_buffer()
-        return {"grad_norm": grad_norm.item(), "lr": lr, "loss_scale": scale, "skipped_steps": self.skipped_steps}
+        return stats
 
-    # Checkpoint state: TorchCheckpointState (comm/engine.py); the gradient buffer is empty between steps and is
+    # Checkpoint state: TorchOptimizerEngine (comm/engine.py); the gradient buffer is empty between steps and is
     # not saved.
     def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None:
         """Nothing to prime: megatron's buckets follow parameter order, fixed at construction, so a resumed run
