@@ -306,21 +306,24 @@ def distance(runs: list[Run], conv: str) -> dict[str, Any] | None:
 _HOOK_FAILURES: list[str] = []  # warn once per report, not once per run
 
 
-PREDICTED_SETUP = "Baichuan-7B, seq 4096, micro-batch 1, 1024 x A800 (analysis.predictor)"
+PREDICTED_SETUP = ("Baichuan-7B, seq 4096, 1024 x A800, the interval over Baichuan's unpublished network, batch "
+                   "split and NCCL algorithm (analysis.predictor)")
 
 
 def _predicted_column(run: Run) -> dict[str, float] | None:
     """What this run's techniques would reach at Baichuan-7B's scale: the predictor applies the run's choices
     (fusion, splitting, precision, collectives, buckets, overlap) to the 7B shape on 1024 A800s, so a CPU
     ablation row can be read against 182 TFLOPS / 58.3%. None (column left out) if the predictor fails."""
-    from analysis import predictor  # noqa: PLC0415
+    from analysis.predictor import techniques_from_config  # noqa: PLC0415
+    from analysis.predictor.cli import baichuan_interval  # noqa: PLC0415
 
     try:
-        p = predictor.predict(predictor.load_model("baichuan_7b"), predictor.get_cluster("a800_1024"),
-                              predictor.techniques_from_config(run.config), seq_len=4096, micro_batch=1)
+        mapped = techniques_from_config(run.config)
+        iv = baichuan_interval(mapped.techniques)
         # MFU against the A800's bf16 peak whatever the run's precision, as Baichuan's 58.3% is (182 / 312).
-        return {"tflops_per_gpu": p.tflops_per_gpu, "mfu": p.tflops_per_gpu / BAICHUAN_7B["peak_tflops"],
-                "fits_memory": p.fits_memory}
+        mfu = lambda p: p.tflops_per_gpu / BAICHUAN_7B["peak_tflops"]  # noqa: E731
+        return {"tflops_per_gpu": iv.point.tflops_per_gpu, "mfu": mfu(iv.point), "mfu_low": mfu(iv.low),
+                "mfu_high": mfu(iv.high), "fits_memory": iv.point.fits_memory, "notes": mapped.notes}
     except (ValueError, KeyError) as e:  # a config the predictor cannot map: say so, keep the report
         if not _HOOK_FAILURES:
             log.warning("predicted column left out for %s: %s", run.path, e)
@@ -436,7 +439,8 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
                                                                        .replace("MFU", f"MFU ({conv})"), "vs base")]
     heads += ["final loss"]
     predicted = any(row["predicted_1024_a800"] for row in report["rows"])
-    heads += ["these techniques on Baichuan-7B, 1024×A800 (predicted): TFLOPS / MFU vs 312 (palm)"] if predicted else []
+    heads += ["these techniques on Baichuan-7B, 1024×A800 (predicted): TFLOPS / MFU vs 312 (palm) [interval]"
+              ] if predicted else []
     if len(report["baselines"]) > 1:
         heads.insert(2, "comparison group")
     body = []
@@ -447,7 +451,8 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
         cells += [_fmt(row["final_loss"], "loss")]
         if predicted:
             p = row["predicted_1024_a800"]
-            cells += [(f"{_fmt(p['tflops_per_gpu'], 'tflops')} / {p['mfu']:.1%}"
+            cells += [(f"{_fmt(p['tflops_per_gpu'], 'tflops')} / {p['mfu']:.1%} "
+                       f"[{p.get('mfu_low', p['mfu']):.1%}–{p.get('mfu_high', p['mfu']):.1%}]"
                        + ("" if p.get("fits_memory", True) else " (does not fit in 80 GB)")) if p else "—"]
         if len(report["baselines"]) > 1:
             cells.insert(2, row["group"])
@@ -495,7 +500,8 @@ def _blocks(report: dict, images: dict[str, Path]) -> list[tuple]:
             label, p = max(preds, key=lambda lp: lp[1]["tflops_per_gpu"])
             b += [("p", f"Predicted at scale ({PREDICTED_SETUP}; method and validation in docs/predictor.md): "
                         f"the best technique set here, {label}, would reach {p['tflops_per_gpu']:.0f} TFLOPS/GPU, "
-                        f"MFU {p['mfu']:.1%} of the 312 bf16 peak"
+                        f"MFU {p['mfu']:.1%} of the 312 bf16 peak (interval "
+                        f"{p.get('mfu_low', p['mfu']):.1%}–{p.get('mfu_high', p['mfu']):.1%})"
                         f"{'' if p.get('fits_memory', True) else ' (but would not fit in 80 GB)'}, against "
                         f"Baichuan-7B's 182 / 58.3% (the predictor's preset `all`, every technique on, gives the "
                         f"validated figure in docs/predictor.md).")]

@@ -231,8 +231,14 @@ def _fixed(cfg: BucketConfig, **_) -> BucketChoice:
     return BucketChoice(bucket_bytes=n, policy="fixed", reason=reason)
 
 
+def gpu_count_elements(cfg: BucketConfig, world_size: int) -> int:
+    """Megatron-core's rule: max(min_elements, elements_per_rank x data-parallel size) gradient elements.
+    Pure: the cluster predictor (analysis/predictor) sizes buckets with it too."""
+    return max(cfg.min_elements, cfg.elements_per_rank * world_size)
+
+
 def _gpu_count(cfg: BucketConfig, *, grad_element_bytes: int, world_size: int, **_) -> BucketChoice:
-    elements = max(cfg.min_elements, cfg.elements_per_rank * world_size)
+    elements = gpu_count_elements(cfg, world_size)
     n = elements * grad_element_bytes
     reason = (f"gpu_count: max({_short(cfg.min_elements)}, {_short(cfg.elements_per_rank)} x {world_size}) = "
               f"{elements:,} elements x {grad_element_bytes} B = {n / MIB:.1f} MiB")

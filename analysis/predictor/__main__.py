@@ -1,0 +1,3 @@
+from analysis.predictor.cli import main
+
+main()
