@@ -314,14 +314,14 @@ def _predicted_column(run: Run) -> dict[str, float] | None:
     """What this run's techniques would reach at Baichuan-7B's scale: the predictor applies the run's choices
     (fusion, splitting, precision, collectives, buckets, overlap) to the 7B shape on 1024 A800s, so a CPU
     ablation row can be read against 182 TFLOPS / 58.3%. None (column left out) if the predictor fails."""
-    from analysis.predictor import techniques_from_config  # noqa: PLC0415
-    from analysis.predictor.cli import baichuan_interval  # noqa: PLC0415
+    from analysis.predictor import techniques_from_config
+    from analysis.predictor.cli import baichuan_interval
 
     try:
         mapped = techniques_from_config(run.config)
         iv = baichuan_interval(mapped.techniques)
         # MFU against the A800's bf16 peak whatever the run's precision, as Baichuan's 58.3% is (182 / 312).
-        mfu = lambda p: p.tflops_per_gpu / BAICHUAN_7B["peak_tflops"]  # noqa: E731
+        mfu = lambda p: p.tflops_per_gpu / BAICHUAN_7B["peak_tflops"]
         return {"tflops_per_gpu": iv.point.tflops_per_gpu, "mfu": mfu(iv.point), "mfu_low": mfu(iv.low),
                 "mfu_high": mfu(iv.high), "fits_memory": iv.point.fits_memory, "notes": mapped.notes}
     except (ValueError, KeyError) as e:  # a config the predictor cannot map: say so, keep the report
@@ -349,8 +349,8 @@ def build_report(runs: list[Run], *, baseline: str | None = None, convention: st
     _fill_settings(runs)
     _assign_labels(runs)
     bases = pick_baselines(runs, baseline)
-    warnings = [f"{len(bases)} comparison groups (model · ranks · device): each row is compared only with its "
-                f"group's baseline; ratios across groups mean nothing."] if len(bases) > 1 else []
+    warnings = [(f"{len(bases)} comparison groups (model · ranks · device): each row is compared only with its "
+                f"group's baseline; ratios across groups mean nothing.")] if len(bases) > 1 else []
     warnings += [f"{r.label}: failed ({r.reason})" for r in runs if not r.ok]
     return {"convention": convention, "rows": [_row(r, bases.get(r.group), convention) for r in runs],
             "baselines": {g: b.label for g, b in bases.items()}, "contributions": contributions(runs, bases),
@@ -360,10 +360,10 @@ def build_report(runs: list[Run], *, baseline: str | None = None, convention: st
 # ---------------------------------------------------------------- plots
 
 def plot(report: dict, runs: list[Run], out: Path) -> dict[str, Path]:
-    import matplotlib  # noqa: PLC0415  imported here so reading runs does not pay for it
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     ok = [row for row in report["rows"] if row["status"] == "ok"]
     conv, made = report["convention"], {}
@@ -386,7 +386,7 @@ def plot(report: dict, runs: list[Run], out: Path) -> dict[str, Path]:
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
         if len(groups) > 1 and labels:  # colours are comparison groups
-            from matplotlib.patches import Patch  # noqa: PLC0415
+            from matplotlib.patches import Patch
             ax.legend([Patch(color=f"C{i}") for i in range(len(groups))], groups, fontsize=7, loc="best")
         for i, r in enumerate(rows):
             ratio = (r.get("vs_baseline") or {}).get(key)
@@ -464,17 +464,17 @@ def _blocks(report: dict, images: dict[str, Path]) -> list[tuple]:
     """The report as a list of blocks that Markdown and HTML each render: (kind, payload)."""
     heads, body = table(report)
     b: list[tuple] = [("h1", "chuanliu ablation report"), ("h2", "Ablation table")]
-    b += [("p", f"Medians over steady-state steps; ratios (×) against the baseline of each comparison group "
+    b += [("p", (f"Medians over steady-state steps; ratios (×) against the baseline of each comparison group "
                 f"({'; '.join(f'{g}: {lbl}' for g, lbl in report['baselines'].items()) or 'none: no run finished'}). "
-                f"FLOPs convention: {report['convention']}.")]
+                f"FLOPs convention: {report['convention']}."))]
     b += [("p", f"Warning: {w}") for w in report["warnings"]]
     b += [("table", (heads, body))] + [("img", n) for n in ("ablation", "memory") if n in images]
     b += [("h2", "Contribution of each technique")]
     cs = report["contributions"]
     if cs:
-        b += [("p", "Change in tokens/s per device against the baseline. one-at-a-time: runs that differ from the "
+        b += [("p", ("Change in tokens/s per device against the baseline. one-at-a-time: runs that differ from the "
                     "baseline in this setting alone; marginal: mean of runs with the option over mean of runs "
-                    "without.")]
+                    "without."))]
         b += [("table", (["setting", "baseline → option", "tokens/s change", "method", "runs"],
                          [[c["setting"], f"{c['baseline_option']} → {c['option']}", f"{c['change_pct']:+.1f}%",
                            c["method"] + (f" (confounded with {', '.join(c['confounded_with'])})"
@@ -487,24 +487,24 @@ def _blocks(report: dict, images: dict[str, Path]) -> list[tuple]:
     if d:
         hw, ref = d["hardware"], d["reference"]
         b += [("p", f"FLOPs convention: {d['convention']}, {d['convention_text']}. {d['caveat']}"),
-              ("p", f"Hardware: {hw['device_name']} ({hw['device_type']}, {hw['world_size']} rank(s)), {hw['dtype']} "
+              ("p", (f"Hardware: {hw['device_name']} ({hw['device_type']}, {hw['world_size']} rank(s)), {hw['dtype']} "
                     f"peak {_fmt(hw['peak_tflops'], 'tflops')} TFLOPS ({hw['peak_source'] or 'source unknown'}). "
                     f"Reference: {ref['gpus']} × {ref['device'].upper()}, {ref['dtype']} peak "
-                    f"{ref['peak_tflops']:.0f} TFLOPS."),
-              ("p", f"Best run by MFU: {d['best_run']}: MFU {d['mfu']:.2%} = ×{d['mfu_vs_58_3']:.3f} of 58.3%; "
+                    f"{ref['peak_tflops']:.0f} TFLOPS.")),
+              ("p", (f"Best run by MFU: {d['best_run']}: MFU {d['mfu']:.2%} = ×{d['mfu_vs_58_3']:.3f} of 58.3%; "
                     f"{_fmt(d['tflops_per_device'], 'tflops')} TFLOPS/device = "
-                    f"×{d['tflops_vs_182'] or 0:.2g} of 182."),
+                    f"×{d['tflops_vs_182'] or 0:.2g} of 182.")),
               ("p", d["meaning"])]
         preds = [(r["label"], r["predicted_1024_a800"]) for r in report["rows"] if r.get("predicted_1024_a800")]
         if preds:
             label, p = max(preds, key=lambda lp: lp[1]["tflops_per_gpu"])
-            b += [("p", f"Predicted at scale ({PREDICTED_SETUP}; method and validation in docs/predictor.md): "
+            b += [("p", (f"Predicted at scale ({PREDICTED_SETUP}; method and validation in docs/predictor.md): "
                         f"the best technique set here, {label}, would reach {p['tflops_per_gpu']:.0f} TFLOPS/GPU, "
                         f"MFU {p['mfu']:.1%} of the 312 bf16 peak (interval "
                         f"{p.get('mfu_low', p['mfu']):.1%}–{p.get('mfu_high', p['mfu']):.1%})"
                         f"{'' if p.get('fits_memory', True) else ' (but would not fit in 80 GB)'}, against "
                         f"Baichuan-7B's 182 / 58.3% (the predictor's preset `all`, every technique on, gives the "
-                        f"validated figure in docs/predictor.md).")]
+                        f"validated figure in docs/predictor.md)."))]
     else:
         b += [("p", "No finished run reports an MFU.")]
     if "loss" in images:
@@ -554,7 +554,7 @@ def log_to_wandb(report: dict, images: dict[str, Path], out: Path, mode: str) ->
     """One wandb run (job_type=report) in the sweep's group: the table as a wandb.Table, the plots as images.
     A wandb failure is a warning: the files are already written."""
     try:
-        import wandb  # noqa: PLC0415
+        import wandb
 
         config = {"convention": report["convention"], "runs": [r["path"] for r in report["rows"]]}
         run = wandb.init(project="chuanliu", job_type="report", dir=str(out), group=report["wandb_group"],

@@ -19,10 +19,26 @@ Start at ``predict`` (step.py): a model shape, a cluster and technique choices g
 """
 from analysis.predictor.collectives import busbw_gbps, collective_s
 from analysis.predictor.compute import Efficiencies
-from analysis.predictor.configs import (cpu_cluster, load_model, model_from_config, techniques_from_config,
-                                        techniques_from_configs)
-from analysis.predictor.inputs import (BAICHUAN_7B_RANGES, CLUSTERS, GPUS, TECHNIQUES, Cluster, ModelShape, Ranges,
-                                       Techniques, get_cluster, get_gpu, get_techniques)
+from analysis.predictor.configs import (
+                                        cpu_cluster,
+                                        load_model,
+                                        model_from_config,
+                                        techniques_from_config,
+                                        techniques_from_configs,
+)
+from analysis.predictor.inputs import (
+                                        BAICHUAN_7B_RANGES,
+                                        CLUSTERS,
+                                        GPUS,
+                                        TECHNIQUES,
+                                        Cluster,
+                                        ModelShape,
+                                        Ranges,
+                                        Techniques,
+                                        get_cluster,
+                                        get_gpu,
+                                        get_techniques,
+)
 from analysis.predictor.interval import Interval, predict_interval
 from analysis.predictor.step import Prediction, predict
 

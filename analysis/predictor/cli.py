@@ -18,8 +18,7 @@ from pathlib import Path
 from analysis.peaks import BAICHUAN_7B
 from analysis.predictor import calibration, nccl_check
 from analysis.predictor.configs import REPO, load_model
-from analysis.predictor.inputs import (BAICHUAN_7B_RANGES, GB, Cluster, Ranges, get_cluster, get_gpu,
-                                       get_techniques)
+from analysis.predictor.inputs import BAICHUAN_7B_RANGES, GB, Cluster, get_cluster, get_gpu, get_techniques
 from analysis.predictor.interval import Interval, predict_interval
 from analysis.predictor.step import Prediction, predict
 
@@ -32,8 +31,8 @@ def _fmt_prediction(p: Prediction, cluster: Cluster) -> str:
             ("tokens/s/GPU", f"{p.tokens_per_s_per_gpu:,.0f}"),
             (f"TFLOPS/GPU ({p.convention})", f"{p.tflops_per_gpu:.1f}"), (f"MFU ({p.convention})", f"{p.mfu:.1%}"),
             ("HFU", f"{p.hfu:.1%}"),
-            ("peak memory", f"{p.peak_memory_bytes / GB:.1f} GB of {cluster.gpu.hbm_gb:g} "
-                            f"({'fits' if p.fits_memory else 'DOES NOT FIT'})"),
+            ("peak memory", (f"{p.peak_memory_bytes / GB:.1f} GB of {cluster.gpu.hbm_gb:g} "
+                            f"({'fits' if p.fits_memory else 'DOES NOT FIT'})")),
             ("goodput (Young interval)", f"{p.goodput:.3f}"),
             ("effective tokens/s/GPU", f"{p.effective_tokens_per_s_per_gpu:,.0f}")]
     rows += [(f"  {k}", f"{v:.4g}") for k, v in p.breakdown.items()]
@@ -41,8 +40,8 @@ def _fmt_prediction(p: Prediction, cluster: Cluster) -> str:
 
 
 def _fmt_interval(iv: Interval, published_mfu: float | None = None) -> str:
-    lines = [f"MFU point {iv.point.mfu:.1%}, interval [{iv.low.mfu:.1%}, {iv.high.mfu:.1%}] "
-             f"({iv.low.tflops_per_gpu:.0f}-{iv.high.tflops_per_gpu:.0f} TFLOPS/GPU)"]
+    lines = [(f"MFU point {iv.point.mfu:.1%}, interval [{iv.low.mfu:.1%}, {iv.high.mfu:.1%}] "
+             f"({iv.low.tflops_per_gpu:.0f}-{iv.high.tflops_per_gpu:.0f} TFLOPS/GPU)")]
     for axis, values in iv.sensitivity.items():
         lines.append(f"  {axis:<14} " + "  ".join(f"{k}: {v:.1%}" for k, v in values.items()))
     if published_mfu is not None:
@@ -87,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nics", type=int, help="NICs per node")
     ap.add_argument("--nic-gbps", type=float, help="Gb/s per NIC")
     ap.add_argument("--techniques", default="all", help="none | all")
+    ap.add_argument("--nccl-algo", choices=("auto", "ring", "tree"), help="NCCL_ALGO (default: NCCL's own choice)")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     eff = None
     tech = get_techniques(args.techniques)
+    if args.nccl_algo:
+        tech = replace(tech, nccl_algo=args.nccl_algo)
     if args.cluster == "cpu_local":
         if not args.calibration:
             raise SystemExit("cluster cpu_local needs --calibration <json written by --calibrate>")

@@ -19,8 +19,12 @@ Start at ``collective_s(kind, n_bytes, cluster, ranks, algo)``. What a multi-nod
     chuanliu's ``hierarchical`` all-reduce (comm/hierarchical.py) is written out as its three NCCL calls:
     intra-node reduce-scatter, inter-node all-reduce of n/g bytes per rail, intra-node all-gather.
 
-Left out: SHARP / NVLS in-network reductions (they exceed these bandwidths), NCCL's LL/LL128 protocols (lower
-latency below ~1 MB: the model overstates small-message times), and congestion across jobs.
+    Trees also move less data across the network: on two nodes each node sends n bytes where a ring sends ~2n, so
+    2-node all-reduce busbw exceeds the NIC line rate. H100/H200 SXM add NVLink SHARP (NVLS: the NVSwitch
+    reduces; ~480 GB/s busbw in a node) and NVLSTree across nodes; NCCL takes them for large all-reduces.
+
+Left out: InfiniBand SHARP (CollNet), NCCL's LL protocol, PAT, per-version tuning differences (published runs of
+one cluster vary 2x with the NCCL and plugin versions: docs/predictor.md), and congestion across jobs.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ HOP_LAT_US = {("ring", "simple", "nvlink"): 3.4, ("ring", "simple", "net"): 9.6,
 PROTOCOL_BW = {"simple": 1.0, "ll128": 0.92}
 PROTOCOLS = tuple(PROTOCOL_BW)
 TREE_BW_FACTOR = 0.92
+NVLS_LAT_US = 40.0  # NCCL's NVLS base latency (tuning.cc, Simple): worth it only for large messages
 
 
 @dataclass(frozen=True)
@@ -78,36 +83,61 @@ def ring_busbw_Bps(cluster: Cluster, ranks: int) -> float:
     return nvlink if nodes == 1 else min(nvlink, cluster.node_net_Bps)
 
 
+def tree_net_busbw_Bps(cluster: Cluster, ranks: int) -> float:
+    """Bus bandwidth the network allows a double-binary-tree all-reduce. Each node sends c x n bytes: on two
+    nodes c = 1 (each tree root exchanges half the data once each way), from four nodes on c = 2 (an interior
+    node forwards to two children), where a ring sends 2(p-1)/p x n. So on two nodes a tree moves ~1.9x the
+    ring's busbw through the same NICs (busbw above the NIC line rate, as published 2-node runs show)."""
+    nodes, _ = _span(cluster, ranks)
+    c = min(2.0, nodes / 2)
+    return _factor("allreduce", ranks) * cluster.node_net_Bps / c
+
+
 def cost(kind: str, cluster: Cluster, ranks: int, algo: str, proto: str = "simple") -> Cost:
-    """The cost of one NCCL collective with a given algorithm (ring or tree) and protocol (simple or ll128)."""
+    """One NCCL collective with a given algorithm (ring, tree, nvls, nvlstree) and protocol (simple, ll128)."""
     if proto not in PROTOCOLS:
         raise ValueError(f"unknown NCCL protocol {proto!r}; choose one of {PROTOCOLS}")
     factor = _factor(kind, ranks)
     nodes, per_node = _span(cluster, ranks)
-    bw = ring_busbw_Bps(cluster, ranks) * PROTOCOL_BW[proto]
+    nvlink = cluster.gpu.nvlink_busbw_gbps * GB
     if algo == "ring":
         steps = (2 if kind == "allreduce" else 1) * (ranks - 1)
         inter = (2 if kind == "allreduce" else 1) * nodes if nodes > 1 else 0
         lat = (BASE_LAT_US["ring", proto] + (steps - inter) * HOP_LAT_US["ring", proto, "nvlink"]
                + inter * HOP_LAT_US["ring", proto, "net"])
-        return Cost(f"ring/{proto}", lat * 1e-6, bw, factor)
+        return Cost(f"ring/{proto}", lat * 1e-6, ring_busbw_Bps(cluster, ranks) * PROTOCOL_BW[proto], factor)
+    if kind != "allreduce" or algo not in ("tree", "nvls", "nvlstree"):
+        if algo in ("tree", "nvls", "nvlstree"):
+            raise ValueError(f"NCCL has no {algo} {kind} here; use algo ring or auto")
+        raise ValueError(f"unknown NCCL algorithm {algo!r}; choose ring, tree, nvls, nvlstree or auto")
+    levels = math.ceil(math.log2(nodes)) if nodes > 1 else 0
+    net_hops = levels * HOP_LAT_US["tree", proto, "net"]
     if algo == "tree":
-        if kind != "allreduce":
-            raise ValueError(f"NCCL has no tree {kind}; use algo ring or auto")
-        levels = math.ceil(math.log2(nodes)) if nodes > 1 else 0
-        lat = BASE_LAT_US["tree", proto] + 2 * ((per_node - 1) * HOP_LAT_US["tree", proto, "nvlink"]
-                                                + levels * HOP_LAT_US["tree", proto, "net"])
-        return Cost(f"tree/{proto}", lat * 1e-6, TREE_BW_FACTOR * bw, factor)
-    raise ValueError(f"unknown NCCL algorithm {algo!r}; choose ring, tree or auto")
+        lat = BASE_LAT_US["tree", proto] + 2 * ((per_node - 1) * HOP_LAT_US["tree", proto, "nvlink"] + net_hops)
+        bw = min(nvlink, tree_net_busbw_Bps(cluster, ranks)) if nodes > 1 else nvlink
+        return Cost(f"tree/{proto}", lat * 1e-6, TREE_BW_FACTOR * bw * PROTOCOL_BW[proto], factor)
+    nvls = cluster.gpu.nvls_busbw_gbps * GB  # NVLink SHARP: the NVSwitch reduces, so the node's GPUs send once
+    if not nvls or proto != "simple":
+        raise ValueError(f"{cluster.gpu.name} has no NVLink SHARP (NVLS needs NVSwitch gen 3: H100/H200 SXM)")
+    if algo == "nvls":
+        return Cost("nvls/simple", NVLS_LAT_US * 1e-6, nvls if nodes == 1 else min(nvls, ring_busbw_Bps(
+            cluster, ranks)), factor)
+    return Cost("nvlstree/simple", (NVLS_LAT_US + 2 * net_hops) * 1e-6,
+                min(nvls, TREE_BW_FACTOR * tree_net_busbw_Bps(cluster, ranks)) if nodes > 1 else nvls, factor)
 
 
 def best_cost(kind: str, n_bytes: float, cluster: Cluster, ranks: int, algo: str = "auto") -> Cost:
     """The algorithm and protocol NCCL would pick for this size (``auto``), or the algorithm set (NCCL_ALGO)."""
+    nodes = _span(cluster, ranks)[0]
     if algo == "auto":
-        algos = ["ring"] + (["tree"] if kind == "allreduce" and _span(cluster, ranks)[0] > 1 else [])
+        algos = ["ring"]
+        if kind == "allreduce":
+            algos += ["tree"] if nodes > 1 else []
+            algos += (["nvls"] if nodes == 1 else ["nvlstree"]) if cluster.gpu.nvls_busbw_gbps else []
     else:
-        algos = ["ring" if (algo == "tree" and kind != "allreduce") else algo]
-    options = [cost(kind, cluster, ranks, a, p) for a in algos for p in PROTOCOLS]
+        algos = ["ring" if (algo != "ring" and kind != "allreduce") else algo]
+    options = [cost(kind, cluster, ranks, a, p) for a in algos for p in PROTOCOLS
+               if not (a.startswith("nvls") and p != "simple")]
     return min(options, key=lambda c: c.time_s(n_bytes))
 
 

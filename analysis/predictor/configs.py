@@ -92,7 +92,7 @@ def techniques_from_configs(*, fusion: FusionConfig, splitting: SplittingConfig,
         dtype = "tf32" if precision.allow_tf32 else "fp32"
     else:
         dtype = precision.compute_dtype
-    fused = lambda op: getattr(fusion, op) in FUSED or fusion.compile_layers  # noqa: E731
+    fused = lambda op: getattr(fusion, op) in FUSED or fusion.compile_layers
     loss = {"eager": "eager", "compiled": "kernel", "liger": "fused", "auto": "fused"}[fusion.loss]
     if fusion.loss == "auto":
         notes.append("fusion.loss=auto is taken as Liger's fused linear-cross-entropy (what it picks on a GPU "

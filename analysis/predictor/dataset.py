@@ -24,9 +24,7 @@ from analysis.predictor.inputs import Cluster, ModelShape, Ranges, Techniques, g
 DATA_DIR = Path(__file__).resolve().parent / "data"
 RUN_FILES = ("llmfoundry.csv", "other_runs.csv")
 SPLIT_SEED = "chuanliu-predictor-v1"
-COLUMNS = ("id,model,n_layers,dim,n_heads,n_kv_heads,ffn_dim,mlp,vocab_size,tied_embeddings,seq_len,gpu,gpus,"
-           "gpus_per_node,nics_per_node,nic_gbps,engine,precision,recompute,micro_batch,grad_accum,global_batch_seqs,"
-           "attention,fused_loss,tokens_per_s_per_gpu,mfu,hfu,source,notes").split(",")
+COLUMNS = ["id", "model", "n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "mlp", "vocab_size", "tied_embeddings", "seq_len", "gpu", "gpus", "gpus_per_node", "nics_per_node", "nic_gbps", "engine", "precision", "recompute", "micro_batch", "grad_accum", "global_batch_seqs", "attention", "fused_loss", "tokens_per_s_per_gpu", "mfu", "hfu", "source", "notes"]
 OPTIONAL = {"position": "rope", "bias": "false"}  # columns a file may leave out, and their values then
 ATTENTION = {"flash2": "flash", "flash1": "flash", "flash": "flash", "sdpa": "flash", "triton": "triton",
              "torch": "eager", "unknown": "flash"}

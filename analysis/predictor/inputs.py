@@ -96,8 +96,9 @@ class GPU:
     hbm_gb: float
     hbm_gbps: float  # nominal HBM bandwidth
     sms: int  # streaming multiprocessors: GEMM tiles are scheduled in waves of this many
-    nvlink_busbw_gbps: float  # nccl-tests all-reduce busbw inside one 8-GPU node (large messages, no NVLS)
+    nvlink_busbw_gbps: float  # nccl-tests all-reduce busbw inside one 8-GPU node (large messages, ring)
     family: str  # whose fitted efficiencies it uses (itself, or the same silicon when it has no data)
+    nvls_busbw_gbps: float = 0.0  # NVLink SHARP all-reduce busbw in a node (H100/H200 SXM: ~480); 0 = none
     peak_override: dict[str, float] | None = None  # TFLOPS per dtype when not from the table (a measured CPU)
 
     def peak_flops(self, dtype: str) -> float:
@@ -109,17 +110,18 @@ class GPU:
 
 
 # NVLink busbw: A100 NVLink3 (600 GB/s bidirectional) reaches ~230 GB/s all-reduce busbw on 8 GPUs; the A800 caps
-# NVLink at 400 GB/s (~155); H100/H200 NVLink4 (900 GB/s) ~360-480 (480 with NVLS); the H800 keeps 400 GB/s (~155
-# per direction pair, like the A800). H800/A800/H200 have no rows in the data set: their compute efficiencies are
+# NVLink at 400 GB/s (~155); H100/H200 NVLink4 (900 GB/s) ~370 with rings, ~480 with NVLS (NVLink SHARP); the
+# H800 keeps 400 GB/s NVLink (~155, like the A800) and its NVSwitch, whose NVLS is left out (no published figure). H800/A800/H200 have no rows in the data set: their compute efficiencies are
 # those of the same silicon (family), their memory and links their own.
 GPUS: dict[str, GPU] = {g.name: g for g in [
     GPU(name="a100_40", peak_key="a100", hbm_gb=40, hbm_gbps=1555, sms=108, nvlink_busbw_gbps=230, family="a100_40"),
     GPU(name="a100_80", peak_key="a100", hbm_gb=80, hbm_gbps=2039, sms=108, nvlink_busbw_gbps=230, family="a100_80"),
     GPU(name="a800", peak_key="a800", hbm_gb=80, hbm_gbps=2039, sms=108, nvlink_busbw_gbps=155, family="a100_80"),
     GPU(name="h100_sxm", peak_key="h100_sxm", hbm_gb=80, hbm_gbps=3350, sms=132, nvlink_busbw_gbps=370,
-        family="h100_sxm"),
+        nvls_busbw_gbps=480, family="h100_sxm"),
     GPU(name="h800", peak_key="h800", hbm_gb=80, hbm_gbps=3350, sms=132, nvlink_busbw_gbps=155, family="h100_sxm"),
-    GPU(name="h200", peak_key="h200", hbm_gb=141, hbm_gbps=4800, sms=132, nvlink_busbw_gbps=370, family="h100_sxm"),
+    GPU(name="h200", peak_key="h200", hbm_gb=141, hbm_gbps=4800, sms=132, nvlink_busbw_gbps=370,
+        nvls_busbw_gbps=480, family="h100_sxm"),
     GPU(name="h100_pcie", peak_key="h100_pcie", hbm_gb=80, hbm_gbps=2000, sms=114, nvlink_busbw_gbps=50,
         family="h100_sxm"),
 ]}

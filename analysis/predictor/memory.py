@@ -35,7 +35,7 @@ def model_state_bytes(params: int, precision: str, zero_stage: int, dp: int) -> 
 def peak_memory_bytes(m: ModelShape, t: Techniques, seq: int, micro_batch: int, dp: int) -> float:
     scale = t.act_bytes / 2  # the formulas are for 16-bit activations
     acts = m.n_layers * korthikanti_activation_bytes(seq=seq, micro_batch=micro_batch, dim=m.dim, heads=m.n_heads,
-                                                     recompute=t.recompute, flash_attn=t.attention == "flash")
+                                                     recompute=t.recompute, flash_attn=t.attention != "eager")
     # fp32 logits and their gradient, unless chunked / fused cross-entropy keeps one chunk alive
     logits = 0.0 if (t.chunked_ce or t.loss == "fused") else 2 * 4.0 * seq * micro_batch * m.vocab_size
     return model_state_bytes(m.total_params(), t.precision, t.zero_stage, dp) + scale * acts + logits

@@ -88,8 +88,8 @@ def _zero3(m: ModelShape, c: Cluster, t: Techniques, mbt: MicroBatch) -> _Comm:
     units = math.ceil(m.n_layers / lpu)
     layer = m.layer_params() * lpu
     root = m.total_params() - m.n_layers * m.layer_params()  # embedding, head, positions, final norm
-    ag = lambda n: coll.collective_s("allgather", n * 2, c, c.gpus, t.nccl_algo)  # noqa: E731 (16-bit weights)
-    rs = lambda n: coll.collective_s("reducescatter", n * t.reduce_bytes, c, c.gpus, t.nccl_algo)  # noqa: E731
+    ag = lambda n: coll.collective_s("allgather", n * 2, c, c.gpus, t.nccl_algo)
+    rs = lambda n: coll.collective_s("reducescatter", n * t.reduce_bytes, c, c.gpus, t.nccl_algo)
     ag_u, rs_u, ag_r, rs_r = ag(layer), rs(layer), ag(root), rs(root)
     fwd_u, bwd_u = mbt.layer_forward_s * lpu, mbt.layer_backward_s * lpu
     ag_b = ag_u if t.reshard_after_forward else 0.0  # SHARD_GRAD_OP keeps the gathered weights for backward
