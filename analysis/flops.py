@@ -2,24 +2,28 @@
 
 Pure formulas (no torch): the report and the cluster predictor import this without starting a job.
 
-Notation: L layers, h hidden size (= heads x head dim), f SwiGLU width, V vocabulary, T sequence length.
-N is the number of weights that take part in a matmul, per token:
+Notation: L layers, h hidden size (= heads x head dim), f MLP width, V vocabulary, T sequence length, kv the
+key/value width (h, or h x n_kv_heads / n_heads with grouped-query attention), m the MLP's matrices (3 for SwiGLU:
+gate, up, down; 2 for a GELU MLP). N is the number of weights that take part in a matmul, per token:
 
-    N = L * (4 h^2 + 3 h f) + V h
-        W_pack (3h^2) + o_proj (h^2) + gate/up/down (3hf) per layer, plus the LM head (Vh).
-        The input embedding is a lookup, and norms are elementwise, so neither is counted.
+    N = L * (h * (h + 2 kv) + h^2 + m h f) + V h
+        W_pack/qkv (h(h + 2kv)) + o_proj (h^2) + the MLP (m h f) per layer, plus the LM head (Vh). The input
+        embedding is a lookup and norms are elementwise, so neither is counted; a tied LM head is still a matmul.
 
 A matmul with N weights costs 2N FLOPs per token forward and 4N backward (grad of input and of weight): 6N.
-Attention scores QK^T and the weighted sum AV each cost 2*T*h per token per layer forward (T keys of width h):
-4*L*h*T forward, 12*L*h*T forward+backward.
+Attention scores QK^T and the weighted sum AV each cost 2*T*h per token per layer forward (T keys of width h;
+grouped-query attention shares keys, not the work): 4*L*h*T forward, 12*L*h*T forward+backward.
 
 Conventions (each a separate metric key, perf/tflops/<key>, perf/mfu/<key>):
-    6n      6N                          Kaplan et al. 2020: ignores attention scores.
+    6n      6N                          6 x every matmul weight, the LM head included, the input embedding not.
+                                        Neither Kaplan et al.'s non-embedding 6N (which leaves the LM head out
+                                        too) nor 6 x all parameters. Ignores attention scores.
     palm    6N + 12*L*h*T               PaLM (Chowdhery et al. 2022, App. B): the full T x T score matrix.
                                         chuanliu's default "MFU". Baichuan-7B at T=4096: 46.87 GFLOP/token.
     causal  6N + 6*L*h*T                As palm, but a causal mask needs only half the score matrix.
-    hfu     palm + recomputed forward   Hardware FLOPs (Korthikanti et al. 2022): FLOPs actually executed,
-                                        counting the forward work that activation recomputation repeats.
+    hfu     palm + recomputed forward   Hardware FLOPs (Korthikanti et al. 2022): what actually runs, counting
+                                        the forward work activation recomputation repeats, as torch's
+                                        non-reentrant checkpoint repeats it (``Recompute``).
 """
 from __future__ import annotations
 
@@ -31,36 +35,52 @@ DEFAULT_CONVENTION = "palm"
 
 @dataclass(frozen=True, kw_only=True)
 class Recompute:
-    """Which forward work is executed twice (activation recomputation); none by default."""
+    """Which forward work is executed twice (activation recomputation); none by default.
 
-    full_layers: bool = False  # every decoder layer's forward re-run in backward
-    attention_core: bool = False  # only softmax(QK^T)V re-run (Korthikanti's selective recomputation)
-    mlp: bool = False  # the SwiGLU MLP re-run (recomputation or tiled MLP)
+    torch's non-reentrant checkpoint re-runs a region's forward in backward only until every tensor backward
+    needs is rebuilt, so the region's last op never runs twice: the output of down_proj (last op of a recomputed
+    MLP or decoder layer) and of AV (last op of an eager attention core) are not saved for backward.
+    Measured with FlopCounterMode in tests/unit/test_flops.py for every splitting option.
+    """
+
+    full_layers: bool = False  # every decoder layer re-run except its down_proj (attention whole: o_proj needs AV)
+    attention_core: bool = False  # selective: the attention core re-run (QK^T only when eager, see below)
+    mlp: bool = False  # the MLP's input projections (gate/up) re-run, not down_proj (recompute_mlp or tiled_mlp)
     lm_head: bool = False  # the LM head re-run (chunked cross-entropy recomputes each chunk's logits)
+    attention_fused: bool = False  # the core is one op (SDPA, flash): re-running it re-runs QK^T and AV
 
 
-def matmul_params(*, n_layers: int, dim: int, ffn_dim: int, vocab_size: int) -> int:
+def matmul_params(*, n_layers: int, dim: int, ffn_dim: int, vocab_size: int, n_heads: int | None = None,
+                  n_kv_heads: int | None = None, mlp_matrices: int = 3) -> int:
     """N: weights that take part in a matmul (decoder layers + LM head; not the input embedding)."""
-    return n_layers * (4 * dim * dim + 3 * dim * ffn_dim) + vocab_size * dim
+    kv = dim if not (n_heads and n_kv_heads) else dim * n_kv_heads // n_heads
+    return n_layers * (dim * (dim + 2 * kv) + dim * dim + mlp_matrices * dim * ffn_dim) + vocab_size * dim
 
 
-def total_params(*, n_layers: int, dim: int, ffn_dim: int, vocab_size: int) -> int:
-    """All parameters: N plus the input embedding and the RMSNorm weights (2 per layer + final)."""
-    n = matmul_params(n_layers=n_layers, dim=dim, ffn_dim=ffn_dim, vocab_size=vocab_size)
+def total_params(*, n_layers: int, dim: int, ffn_dim: int, vocab_size: int, n_heads: int | None = None,
+                 n_kv_heads: int | None = None, mlp_matrices: int = 3) -> int:
+    """All parameters of chuanliu's model: N plus the input embedding and the RMSNorm weights (2 per layer +
+    final)."""
+    n = matmul_params(n_layers=n_layers, dim=dim, ffn_dim=ffn_dim, vocab_size=vocab_size, n_heads=n_heads,
+                      n_kv_heads=n_kv_heads, mlp_matrices=mlp_matrices)
     return n + vocab_size * dim + (2 * n_layers + 1) * dim
 
 
 def flops_per_token(*, n_layers: int, dim: int, ffn_dim: int, vocab_size: int, seq_len: int,
-                    recompute: Recompute = Recompute()) -> dict[str, float]:
+                    recompute: Recompute = Recompute(), n_heads: int | None = None, n_kv_heads: int | None = None,
+                    mlp_matrices: int = 3) -> dict[str, float]:
     """FLOPs per trained token (forward + backward) under every convention in CONVENTIONS."""
-    n = matmul_params(n_layers=n_layers, dim=dim, ffn_dim=ffn_dim, vocab_size=vocab_size)
-    attn_fwd = 4 * n_layers * dim * seq_len  # QK^T and AV, full T x T, forward only
-    palm = 6 * n + 3 * attn_fwd
+    n = matmul_params(n_layers=n_layers, dim=dim, ffn_dim=ffn_dim, vocab_size=vocab_size, n_heads=n_heads,
+                      n_kv_heads=n_kv_heads, mlp_matrices=mlp_matrices)
+    head = vocab_size * dim
+    down = n_layers * ffn_dim * dim  # weights of every layer's down_proj: the last op of a recomputed MLP
+    mlp_in = n_layers * (mlp_matrices - 1) * dim * ffn_dim
+    qk = 2 * n_layers * dim * seq_len  # QK^T forward per token; AV costs the same
+    palm = 6 * n + 6 * qk
     if recompute.full_layers:
-        extra = 2 * (n - vocab_size * dim) + attn_fwd  # the LM head is outside the layers
+        extra = 2 * (n - head - down) + 2 * qk
     else:
-        extra = (attn_fwd if recompute.attention_core else 0) + \
-                (2 * n_layers * 3 * dim * ffn_dim if recompute.mlp else 0)
-    extra += 2 * vocab_size * dim if recompute.lm_head else 0
-    return {"6n": float(6 * n), "palm": float(palm), "causal": float(6 * n + 1.5 * attn_fwd),
-            "hfu": float(palm + extra)}
+        core = (2 * qk if recompute.attention_fused else qk) if recompute.attention_core else 0
+        extra = core + (2 * mlp_in if recompute.mlp else 0)
+    extra += 2 * head if recompute.lm_head else 0
+    return {"6n": float(6 * n), "palm": float(palm), "causal": float(6 * n + 3 * qk), "hfu": float(palm + extra)}

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 IGNORED = ("hydra", "logging", "experiment")  # setting prefixes that do not change what is measured
 SKIP_DIRS = {".hydra", "wandb", "checkpoints"}
 CONVENTION_TEXT = {
-    "6n": "6N FLOPs per token (Kaplan et al. 2020; attention scores not counted)",
+    "6n": "6N FLOPs per token, N = every matmul weight incl. the LM head, not the input embedding (not Kaplan's "
+          "non-embedding 6N); attention scores not counted",
     "palm": "6N + 12·L·d·s FLOPs per token (PaLM App. B; the convention behind Baichuan-7B's 182 TFLOPS = 58.3% "
             "of the A800's 312 bf16 TFLOPS)",
     "causal": "6N + 6·L·d·s FLOPs per token (PaLM with a causal mask: half the score matrix)",

@@ -242,7 +242,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     peak = measure_peak(hw, device, dtype, info)
     fpt = flops_per_token(n_layers=model_cfg.n_layers, dim=model_cfg.dim, ffn_dim=model_cfg.ffn_dim,
                           vocab_size=model_cfg.vocab_size, seq_len=train.seq_len,
-                          recompute=Recompute(**splitting.recomputed()))
+                          recompute=Recompute(**splitting.recomputed(kernels)))
     tokens_per_step = info.world_size * train.micro_batch_size * train.grad_accum_steps * train.seq_len
 
     comm_hook, topology, reduce = None, None, flat_all_reduce

@@ -42,10 +42,21 @@ class SplittingConfig:
             raise ValueError("splitting.tiled_mlp already recomputes each MLP tile in backward; drop "
                              "splitting.recompute_mlp")
 
-    def recomputed(self) -> dict[str, bool]:
-        """Which forward work runs twice (for the HFU convention, analysis.flops.Recompute)."""
+    def recomputed(self, kernels: dict[str, str] | None = None) -> dict[str, bool]:
+        """Which forward work runs twice (for the HFU convention, analysis.flops.Recompute). ``kernels``: the
+        operator implementations fusion chose; a fused attention core re-runs whole, an eager one only QK^T."""
+        fused_core = (kernels or {}).get("attention", "eager") != "eager"
         return {"full_layers": self.recompute_layers, "attention_core": self.recompute_attention,
-                "mlp": self.recompute_mlp or self.tiled_mlp, "lm_head": self.chunked_ce}
+                "mlp": self.recompute_mlp or self.tiled_mlp, "lm_head": self.chunked_ce,
+                "attention_fused": fused_core}
+
+    def check_kernels(self, kernels: dict[str, str]) -> None:
+        """Refuse splitting that cannot work with the operators fusion chose (called before it is applied)."""
+        if self.chunked_ce and kernels.get("loss") == "liger":
+            raise ValueError("splitting.chunked_ce with fusion.loss=liger: Liger's fused linear-cross-entropy never "
+                             "materialises the logits (it chunks internally and computes gradients in its "
+                             "forward), so chunking it only re-runs all of that in backward; use "
+                             "splitting.chunked_ce=false with fusion.loss=liger, or fusion.loss=eager/compiled")
 
 
 def recompute(fn: Callable, *args):

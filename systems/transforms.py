@@ -24,6 +24,7 @@ def transform_model(model: nn.Module, *, fusion: FusionConfig, splitting: Splitt
     """Apply every technique in order; returns the operator implementations chosen (``auto`` resolved)."""
     chosen = apply_fusion(model, fusion, device=device_type, compute_dtype=precision.compute_dtype)
     precision.apply(model)
+    splitting.check_kernels(chosen)
     apply_splitting(model, splitting)
     apply_compile(model, fusion, chosen)
     return chosen

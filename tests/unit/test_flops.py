@@ -57,10 +57,64 @@ def test_baichuan_7b_published_figures():
 def test_hfu_counts_recomputed_forward_work():
     shape = dict(n_layers=4, dim=256, ffn_dim=688, vocab_size=5000, seq_len=512)
     base = flops_per_token(**shape)
-    attn_fwd = 4 * 4 * 256 * 512
-    layer_params = 4 * (4 * 256**2 + 3 * 256 * 688)
-    assert flops_per_token(**shape, recompute=Recompute(attention_core=True))["hfu"] == base["palm"] + attn_fwd
-    assert flops_per_token(**shape, recompute=Recompute(mlp=True))["hfu"] == base["palm"] + 2 * 4 * 3 * 256 * 688
+    qk = 2 * 4 * 256 * 512  # QK^T forward per token; AV the same
+    gate_up, down = 2 * 4 * 2 * 256 * 688, 2 * 4 * 256 * 688
+    layer = 2 * 4 * (4 * 256**2 + 3 * 256 * 688)
+    assert flops_per_token(**shape, recompute=Recompute(attention_core=True))["hfu"] == base["palm"] + qk
+    assert flops_per_token(**shape, recompute=Recompute(attention_core=True, attention_fused=True))["hfu"] == \
+        base["palm"] + 2 * qk  # one fused op: QK^T and AV re-run
+    assert flops_per_token(**shape, recompute=Recompute(mlp=True))["hfu"] == base["palm"] + gate_up
     full = flops_per_token(**shape, recompute=Recompute(full_layers=True))
-    assert full["hfu"] == base["palm"] + 2 * layer_params + attn_fwd
+    assert full["hfu"] == base["palm"] + layer - down + 2 * qk
     assert full["palm"] == base["palm"]  # model FLOPs do not change with recomputation
+
+
+def test_grouped_query_attention_and_gelu_mlp_shapes():
+    llama70 = flops_per_token(n_layers=80, dim=8192, ffn_dim=28672, vocab_size=32000, seq_len=4096, n_heads=64,
+                              n_kv_heads=8)
+    # Llama 2 70B: 68.98B parameters of which 0.26B input embedding and ~1.3M norms: N = 68.72B
+    assert llama70["6n"] / 6 == pytest.approx(68.72e9, rel=0.002)
+    mpt = matmul_params(n_layers=32, dim=4096, ffn_dim=16384, vocab_size=50432, mlp_matrices=2)
+    assert mpt == 32 * 12 * 4096**2 + 50432 * 4096  # a GELU MLP of 4h: 12 h^2 per layer
+
+
+# Every splitting option, on a shape no other test uses; chunks and tiles that do not divide the tokens evenly.
+HFU_SHAPE = dict(n_layers=3, dim=96, n_heads=6, ffn_dim=260, vocab_size=777)
+HFU_B, HFU_T = 3, 48
+SPLITTINGS = {
+    "none": {}, "chunked_ce": {"chunked_ce": True, "ce_chunk_tokens": 50},
+    "tiled_mlp": {"tiled_mlp": True, "mlp_tile_tokens": 50}, "recompute_attention": {"recompute_attention": True},
+    "recompute_mlp": {"recompute_mlp": True}, "recompute_layers": {"recompute_layers": True},
+    "all (conf/splitting/all.yaml)": {"chunked_ce": True, "ce_chunk_tokens": 50, "tiled_mlp": True,
+                                      "mlp_tile_tokens": 50, "recompute_attention": True},
+    "recompute_layers + chunked_ce": {"recompute_layers": True, "chunked_ce": True, "ce_chunk_tokens": 50},
+    "recompute_attention + recompute_mlp": {"recompute_attention": True, "recompute_mlp": True},
+}
+
+
+@pytest.mark.parametrize("name", list(SPLITTINGS))
+def test_hfu_equals_what_torch_executes_for_every_splitting_option(name):
+    """FlopCounterMode counts what runs, recomputation included (eager attention: QK^T and AV are bmm)."""
+    from systems.splitting import SplittingConfig, apply_splitting
+
+    split = SplittingConfig(**SPLITTINGS[name])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**HFU_SHAPE, max_seq_len=HFU_T))
+    apply_splitting(model, split)
+    idx = torch.randint(0, HFU_SHAPE["vocab_size"], (HFU_B, HFU_T))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx).backward()
+    shape = {k: v for k, v in HFU_SHAPE.items() if k != "n_heads"}
+    analytic = flops_per_token(**shape, seq_len=HFU_T,
+                               recompute=Recompute(**split.recomputed({"attention": "eager"})))
+    tokens = HFU_B * HFU_T
+    assert counter.get_total_flops() == pytest.approx(analytic["hfu"] * tokens, rel=0.01)
+    assert analytic["palm"] == flops_per_token(**shape, seq_len=HFU_T)["palm"]
+
+
+def test_liger_loss_under_chunked_ce_is_refused():
+    from systems.splitting import SplittingConfig
+
+    with pytest.raises(ValueError, match="chunked_ce"):
+        SplittingConfig(chunked_ce=True).check_kernels({"attention": "sdpa", "loss": "liger"})
+    SplittingConfig(chunked_ce=True).check_kernels({"attention": "sdpa", "loss": "eager"})  # fine

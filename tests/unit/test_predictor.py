@@ -31,10 +31,13 @@ def test_multi_node_ring_runs_at_the_nodes_aggregate_nic_bandwidth():
     """Rail-aligned rings: 2 nodes of 8 A100 with 8 x 200 Gb/s reach ~185 GB/s all-reduce busbw (nccl-tests on
     such clusters), not one GPU's 1/8 share of the NICs (~23 GB/s)."""
     two_nodes = pr.Cluster(gpu=pr.get_gpu("a100_80"), gpus=16, nics_per_node=8, nic_gbps=200)
-    bw = pr.busbw_gbps("allreduce", 8 * 2**30, two_nodes)
-    assert 170 <= bw <= 200
+    bw = pr.busbw_gbps("allreduce", 8 * 2**30, two_nodes, algo="ring")
+    assert 170 <= bw <= 200  # OCI's forced-ring 2-node run over 16 x 100 Gb/s: 189.6 GB/s
     four_nics = replace(two_nodes, nics_per_node=4)
-    assert pr.busbw_gbps("allreduce", 8 * 2**30, four_nics) == pytest.approx(bw / 2, rel=0.02)
+    assert pr.busbw_gbps("allreduce", 8 * 2**30, four_nics, algo="ring") == pytest.approx(bw / 2, rel=0.02)
+    # a tree on two nodes sends half the ring's bytes through the NICs: busbw above line rate (NVLink caps it)
+    assert pr.busbw_gbps("allreduce", 8 * 2**30, four_nics) > 1.5 * pr.busbw_gbps(
+        "allreduce", 8 * 2**30, four_nics, algo="ring")
 
 
 def test_nccl_picks_trees_at_scale_and_rings_for_large_messages_on_few_nodes():
