@@ -48,7 +48,10 @@ def _fmt_interval(iv: Interval, published_mfu: float | None = None) -> str:
         lines.append(f"published {published_mfu:.1%}: {'inside' if iv.inside else 'OUTSIDE'} the interval; "
                      f"{len(iv.explaining)} of {len(iv.combinations)} assumption sets within 5% of it")
         for r in iv.explaining[:8]:
-            lines.append(f"    {r['assumption']} -> {r['mfu']:.1%}")
+            fits = "" if r["fits_memory"] else " (does not fit in memory)"
+            lines.append(f"    {r['assumption']} -> {r['mfu']:.1%}{fits}")
+    if iv.infeasible:
+        lines.append(f"{iv.infeasible} assumption sets left out of the interval: their memory does not fit the GPU")
     return "\n".join(lines)
 
 

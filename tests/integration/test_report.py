@@ -81,6 +81,10 @@ def test_sweep_report_names_convention_hardware_and_distance_to_baichuan(sweep_r
     md = (out / "report.md").read_text()
     assert "| splitting=chunked_ce |" in md and "×1.00" in md and "TFLOPS (palm)" in md
     assert "58.3%" in md and "182" in md and "12·L·d·s" in md and "CPU" in md and "![ablation](ablation.png)" in md
+    # each run's techniques on Baichuan-7B at 1024 A800s, as the predictor's interval over unpublished inputs
+    preds = [r["predicted_1024_a800"] for r in rep["rows"]]
+    assert preds and all(p and p["mfu_low"] <= p["mfu"] <= p["mfu_high"] for p in preds)
+    assert "MFU vs 312 (palm) [interval]" in md
 
 
 def test_sweep_report_html_is_self_contained(sweep_report):
