@@ -127,10 +127,14 @@ GPUS: dict[str, GPU] = {g.name: g for g in [
 ]}
 
 
+def _lookup(table: dict, name: str, what: str, hint: str = ""):
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(table)}{hint}")
+    return table[name]
+
+
 def get_gpu(name: str) -> GPU:
-    if name not in GPUS:
-        raise ValueError(f"unknown GPU {name!r}; choose one of {sorted(GPUS)}")
-    return GPUS[name]
+    return _lookup(GPUS, name, "GPU")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,10 +178,7 @@ CLUSTERS: dict[str, Cluster] = {
 
 
 def get_cluster(name: str) -> Cluster:
-    if name not in CLUSTERS:
-        raise ValueError(f"unknown cluster {name!r}; choose one of {sorted(CLUSTERS)} "
-                         f"(or --gpu NAME --gpus N for any GPU type)")
-    return CLUSTERS[name]
+    return _lookup(CLUSTERS, name, "cluster", " (or --gpu NAME --gpus N for any GPU type)")
 
 
 # ----------------------------------------------------------------------------------------------- techniques
@@ -257,9 +258,7 @@ TECHNIQUES = {
 
 
 def get_techniques(name: str) -> Techniques:
-    if name not in TECHNIQUES:
-        raise ValueError(f"unknown techniques preset {name!r}; choose one of {sorted(TECHNIQUES)}")
-    return TECHNIQUES[name]
+    return _lookup(TECHNIQUES, name, "techniques preset")
 
 
 # ----------------------------------------------------------------------------------------------- ranges
