@@ -39,7 +39,8 @@ CONVENTION_TEXT = {
     "palm": "6N + 12·L·d·s FLOPs per token (PaLM App. B; the convention behind Baichuan-7B's 182 TFLOPS = 58.3% "
             "of the A800's 312 bf16 TFLOPS)",
     "causal": "6N + 6·L·d·s FLOPs per token (PaLM with a causal mask: half the score matrix)",
-    "hfu": "PaLM FLOPs plus the forward work activation recomputation repeats (hardware FLOPs)",
+    "hfu": "PaLM FLOPs plus what runs again: the forward work activation recomputation repeats and the QK^T a "
+           "fused attention backward recomputes (hardware FLOPs, as FlopCounterMode counts them)",
 }
 # (key in a row's values, column title); each also gets a "vs base" ratio column.
 METRICS = [("tokens_per_s_per_device", "tok/s/device"), ("tflops", "TFLOPS"), ("mfu", "MFU"),

@@ -80,13 +80,20 @@ PREFERENCE = {"attention": ("flash", "sdpa", "eager"), "rmsnorm": ("liger", "com
               "loss": ("liger", "compiled", "eager")}
 
 
-def resolve(cfg: FusionConfig, device: str, compute_dtype: str) -> dict[str, str]:
-    """The implementation name per operator on this device; raises Unavailable for an impossible choice."""
+def resolve(cfg: FusionConfig, device: str, compute_dtype: str,
+            refused: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+    """The implementation name per operator on this device; raises Unavailable for an impossible choice.
+    ``refused``: op -> {implementation: reason} that another technique rules out (SplittingConfig.refused_kernels);
+    an explicit choice of one raises ValueError with the reason, ``auto`` passes over it."""
+    refused = refused or {}
     chosen = {}
     for op in OPERATORS:
         wanted = getattr(cfg, op)
+        if wanted in refused.get(op, {}):
+            raise ValueError(refused[op][wanted])
         if wanted == "auto":
-            usable = [n for n in PREFERENCE[op] if IMPLEMENTATIONS[op][n][1](device) is None]
+            usable = [n for n in PREFERENCE[op]
+                      if n not in refused.get(op, {}) and IMPLEMENTATIONS[op][n][1](device) is None]
             if op == "attention" and compute_dtype in ("fp32",):
                 usable = [n for n in usable if n != "flash"]  # flash-attn has no fp32 kernel
             chosen[op] = usable[0]
@@ -101,9 +108,11 @@ def resolve(cfg: FusionConfig, device: str, compute_dtype: str) -> dict[str, str
     return chosen
 
 
-def apply_fusion(model: nn.Module, cfg: FusionConfig, *, device: str, compute_dtype: str) -> dict[str, str]:
-    """Swap each operator function for the chosen implementation; returns the choice (logged by the caller)."""
-    chosen = resolve(cfg, device, compute_dtype)
+def apply_fusion(model: nn.Module, cfg: FusionConfig, *, device: str, compute_dtype: str,
+                 refused: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+    """Swap each operator function for the chosen implementation; returns the choice (logged by the caller).
+    ``refused``: implementations another technique rules out (see resolve)."""
+    chosen = resolve(cfg, device, compute_dtype, refused)
     impl = {op: IMPLEMENTATIONS[op][name][0]() for op, name in chosen.items()}
     for module in model.modules():
         if hasattr(module, "core_fn"):

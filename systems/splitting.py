@@ -8,7 +8,9 @@
     recompute_mlp        the MLP is recomputed (its three ffn-wide activations are not saved).
     recompute_layers     full recomputation: only each decoder layer's input is saved.
 
-Everything recomputed costs forward FLOPs again; ``recomputed()`` tells the HFU convention which.
+Everything recomputed costs forward FLOPs again; ``recomputed()`` tells the HFU convention which. torch's
+non-reentrant checkpoint stops re-running a region once the tensors backward needs exist again, so a region's last
+op (down_proj of an MLP or layer, AV of an eager attention core) runs once; a fused attention core is one op.
 Recomputation swaps a module's ``forward`` for a checkpointed call of the original instead of wrapping the
 module, so parameter names (and checkpoints) are the same with and without it.
 """
@@ -20,6 +22,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+
+# Refused with an explicit fusion.loss=liger, passed over by fusion.loss=auto (SplittingConfig.refused_kernels).
+LIGER_LOSS_UNDER_CHUNKED_CE = (
+    "splitting.chunked_ce with fusion.loss=liger: Liger's fused linear-cross-entropy already never materialises the "
+    "logits and computes its gradients inside its forward, so chunking it gains nothing and its checkpoints would "
+    "re-run all of that work in backward; use fusion.loss=liger with splitting.chunked_ce=false, or chunked_ce with "
+    "fusion.loss=eager or compiled")
 
 
 @dataclass(kw_only=True)
@@ -44,19 +53,17 @@ class SplittingConfig:
 
     def recomputed(self, kernels: dict[str, str] | None = None) -> dict[str, bool]:
         """Which forward work runs twice (for the HFU convention, analysis.flops.Recompute). ``kernels``: the
-        operator implementations fusion chose; a fused attention core re-runs whole, an eager one only QK^T."""
+        operator implementations fusion chose; a fused attention core (sdpa, flash) re-runs whole and redoes QK^T
+        in its backward, an eager one re-runs only QK^T."""
         fused_core = (kernels or {}).get("attention", "eager") != "eager"
         return {"full_layers": self.recompute_layers, "attention_core": self.recompute_attention,
                 "mlp": self.recompute_mlp or self.tiled_mlp, "lm_head": self.chunked_ce,
                 "attention_fused": fused_core}
 
-    def check_kernels(self, kernels: dict[str, str]) -> None:
-        """Refuse splitting that cannot work with the operators fusion chose (called before it is applied)."""
-        if self.chunked_ce and kernels.get("loss") == "liger":
-            raise ValueError("splitting.chunked_ce with fusion.loss=liger: Liger's fused linear-cross-entropy never "
-                             "materialises the logits (it chunks internally and computes gradients in its "
-                             "forward), so chunking it only re-runs all of that in backward; use "
-                             "splitting.chunked_ce=false with fusion.loss=liger, or fusion.loss=eager/compiled")
+    def refused_kernels(self) -> dict[str, dict[str, str]]:
+        """Operator implementations this splitting cannot wrap, each with the reason, for fusion.resolve: an
+        explicit choice of one is refused with its reason, ``auto`` passes over it."""
+        return {"loss": {"liger": LIGER_LOSS_UNDER_CHUNKED_CE}} if self.chunked_ce else {}
 
 
 def recompute(fn: Callable, *args):

@@ -22,9 +22,9 @@ from systems.splitting import SplittingConfig, apply_splitting
 def transform_model(model: nn.Module, *, fusion: FusionConfig, splitting: SplittingConfig, precision: Precision,
                     device_type: str) -> dict[str, str]:
     """Apply every technique in order; returns the operator implementations chosen (``auto`` resolved)."""
-    chosen = apply_fusion(model, fusion, device=device_type, compute_dtype=precision.compute_dtype)
+    chosen = apply_fusion(model, fusion, device=device_type, compute_dtype=precision.compute_dtype,
+                          refused=splitting.refused_kernels())  # auto passes over what splitting cannot wrap
     precision.apply(model)
-    splitting.check_kernels(chosen)
     apply_splitting(model, splitting)
     apply_compile(model, fusion, chosen)
     return chosen

@@ -85,18 +85,19 @@ def techniques_from_configs(*, fusion: FusionConfig, splitting: SplittingConfig,
                             engine: Any, algorithm: AlgorithmConfig, overlap: OverlapConfig, bucket: BucketConfig,
                             checkpoint: CheckpointConfig, link: LinkConfig | None = None) -> Mapped:
     notes = []
-    if fusion.loss in ("liger", "auto") and splitting.chunked_ce:
-        raise ValueError("fusion.loss=liger under splitting.chunked_ce cannot be modelled (nor run: the fused "
-                         "loss never materialises logits, chunking it only repeats it); drop one of them")
+    refused = splitting.refused_kernels().get("loss", {})
+    if fusion.loss in refused:  # the trainer refuses it too (systems/fusion.resolve)
+        raise ValueError(refused[fusion.loss])
     if precision.compute_dtype == "fp32":
         dtype = "tf32" if precision.allow_tf32 else "fp32"
     else:
         dtype = precision.compute_dtype
     fused = lambda op: getattr(fusion, op) in FUSED or fusion.compile_layers
-    loss = {"eager": "eager", "compiled": "kernel", "liger": "fused", "auto": "fused"}[fusion.loss]
+    auto_loss = "kernel" if "liger" in refused else "fused"  # auto passes over what splitting cannot wrap
+    loss = {"eager": "eager", "compiled": "kernel", "liger": "fused", "auto": auto_loss}[fusion.loss]
     if fusion.loss == "auto":
-        notes.append("fusion.loss=auto is taken as Liger's fused linear-cross-entropy (what it picks on a GPU "
-                     "with liger-kernel installed)")
+        picked = "the compiled loss" if auto_loss == "kernel" else "Liger's fused linear-cross-entropy"
+        notes.append(f"fusion.loss=auto is taken as {picked} (what it picks on a GPU with liger-kernel installed)")
     eng = _engine(engine, precision)
     tech = Techniques(
         attention="eager" if fusion.attention == "eager" else "flash",  # SDPA runs FlashAttention-2 on a GPU
