@@ -6,6 +6,7 @@
     python -m analysis.predictor --validate     # every validation row, error per regime; docs/predictor_validation.json
     python -m analysis.predictor --baichuan     # Baichuan-7B's 182 TFLOPS / 58.3% as an interval
     python -m analysis.predictor --nccl         # the collective model vs published nccl-tests bus bandwidths
+    python -m analysis.predictor --torchtitan   # independent check: torchtitan's tables, never in the data set
     python -m analysis.predictor --calibrate runs/a runs/b runs/c   # fit this CPU to its own runs
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from analysis.peaks import BAICHUAN_7B
-from analysis.predictor import calibration, nccl_check
+from analysis.predictor import calibration, nccl_check, titan_check
 from analysis.predictor.configs import REPO, load_model
 from analysis.predictor.inputs import BAICHUAN_7B_RANGES, GB, Cluster, get_cluster, get_gpu, get_techniques
 from analysis.predictor.interval import Interval, predict_interval
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--validate", action="store_true", help="predict the validation half; docs/predictor_validation.json")
     ap.add_argument("--baichuan", action="store_true", help="Baichuan-7B's published figure against the interval")
     ap.add_argument("--nccl", action="store_true", help="collective model vs published nccl-tests busbw")
+    ap.add_argument("--torchtitan", action="store_true", help="independent check: torchtitan's published FSDP rows")
     ap.add_argument("--calibrate", nargs="+", metavar="RUN_DIR", help="fit cpu_local to these runs")
     ap.add_argument("--out", help="where --calibrate writes (default: <first run's parent>/cpu_local_calibration.json)")
     args = ap.parse_args(argv)
@@ -125,6 +127,13 @@ def main(argv: list[str] | None = None) -> None:
         result = nccl_check.check()
         print(nccl_check.format_check(result))
         out = DOCS / "predictor_nccl.json"
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+        return
+    if args.torchtitan:
+        result = titan_check.check()
+        print(titan_check.format_check(result))
+        out = DOCS / "predictor_torchtitan.json"
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}")
         return

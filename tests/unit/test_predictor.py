@@ -13,7 +13,7 @@ import pytest
 
 from analysis import flops
 from analysis import predictor as pr
-from analysis.predictor import calibration, collectives, compute, dataset, goodput, memory, nccl_check
+from analysis.predictor import calibration, collectives, compute, dataset, goodput, memory, nccl_check, titan_check
 from analysis.predictor.cli import baichuan_interval
 from analysis.predictor.configs import REPO, cpu_cluster
 
@@ -188,6 +188,14 @@ def test_validation_half_meets_the_goals_and_matches_the_docs():
     assert not result["goals"]["regimes_over_15pct_with_3_rows"]
     written = json.loads((REPO / "docs" / "predictor_validation.json").read_text())
     assert written["validation_summary"]["mean_abs_error"] == pytest.approx(s["mean_abs_error"], abs=1e-9)
+
+
+def test_torchtitan_rows_stay_out_of_the_data_set_and_are_predicted_as_recorded():
+    """torchtitan's tables are the independent check: never a data-set row, predicted with the fitted constants."""
+    result = titan_check.check()
+    assert result["mean_abs_error"] <= 0.15
+    written = json.loads((REPO / "docs" / "predictor_torchtitan.json").read_text())
+    assert [r["predicted"] for r in written["rows"]] == pytest.approx([r["predicted"] for r in result["rows"]])
 
 
 def test_baichuan_is_stated_as_an_interval():
