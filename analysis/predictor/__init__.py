@@ -15,6 +15,7 @@ Start at ``predict`` (step.py): a model shape, a cluster and technique choices g
     calibration.py   the fit on the calibration half (data/fit.json), validation, a CPU's own calibration
     configs.py       a chuanliu run's typed configs -> the predictor's inputs
     nccl_check.py    the collective model against published nccl-tests bus bandwidths
+    titan_check.py   the independent check: torchtitan's published tables, never in the data set
     cli.py           python -m analysis.predictor (docs/predictor.md)
 """
 from analysis.predictor.collectives import busbw_gbps, collective_s
