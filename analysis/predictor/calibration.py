@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from analysis.predictor import dataset
 from analysis.predictor.compute import Efficiencies
 from analysis.predictor.fitted import FIT_PATH, load_fit
+from analysis.predictor.inputs import GPUS
 from analysis.predictor.interval import predict_interval
 from analysis.predictor.step import predict
 
@@ -34,7 +35,8 @@ FAMILY_PARAMS = {"gemm": (0.8, 0.15, 0.3, 1.0), "attn": (0.5, 0.25, 0.1, 1.0),
                  "layer_overhead_s": (2e-4, 1e-3, 0.0, 5e-3)}
 SHARED_PARAMS = {"gemm_k0": (128.0, 256.0, 0.0, 2048.0), "overlap_slowdown": (0.1, 0.2, 0.0, 1.0),
                  "fp8_gemm": (0.6, 0.2, 0.2, 1.0), "triton_attn": (0.7, 0.2, 0.2, 1.2)}
-PRIOR_WEIGHT = 0.05  # a prior residual counts as much as a 5% error on one row at one prior scale
+PRIOR_WEIGHT = 0.05
+MIN_FAMILY_ROWS = 2  # calibration rows a GPU type needs for constants of its own (else: the same silicon's)  # a prior residual counts as much as a 5% error on one row at one prior scale
 GOALS = {"mean_abs_error": 0.10, "regime_abs_error": 0.15, "regime_min_rows": 3}
 
 
@@ -68,14 +70,18 @@ def fit(rows: list[dataset.Row] | None = None, out: Path | None = FIT_PATH) -> d
     calib, _ = dataset.split(rows)
     if any(r.validation for r in calib):  # split() guarantees it; the record below is what --validate checks
         raise FitIntegrityError("a validation row reached the fit")
-    families = sorted({r.cluster.gpu.family for r in calib})
+    counts = Counter(r.cluster.gpu.name for r in calib)
+    # a GPU type with enough calibration rows gets constants of its own; one with fewer, its silicon's family's
+    family_of = {name: name if n >= MIN_FAMILY_ROWS else GPUS[name].family for name, n in counts.items()}
+    families = sorted(set(family_of.values()))
     params = list(SHARED_PARAMS.values()) + [p for _ in families for p in FAMILY_PARAMS.values()]
     x0 = np.array([p[0] for p in params])
     lo, hi = np.array([p[2] for p in params]), np.array([p[3] for p in params])
 
     def residuals(x):
         effs = _unpack(x, families)
-        res = [math.log(_point_prediction(r, effs[r.cluster.gpu.family]) / r.tokens_per_s_per_gpu) for r in calib]
+        res = [math.log(_point_prediction(r, effs[family_of[r.cluster.gpu.name]]) / r.tokens_per_s_per_gpu)
+               for r in calib]
         prior = [PRIOR_WEIGHT * (xi - p[0]) / p[1] for xi, p in zip(x, params)]
         return np.array(res + prior)
 
@@ -92,7 +98,8 @@ def fit(rows: list[dataset.Row] | None = None, out: Path | None = FIT_PATH) -> d
         "families": {f: {k: float(getattr(e, k)) for k in FAMILY_PARAMS} for f, e in effs.items()},
         "method": "least squares of log(predicted/published tokens/s/GPU) over the calibration half, unpublished "
                   "inputs at their point estimates, weak priors from microbenchmarks (calibration.py)",
-        "calibration": summarize(_evaluate(calib, effs_for=lambda r: effs[r.cluster.gpu.family], intervals=False)),
+        "calibration": summarize(_evaluate(calib, effs_for=lambda r: effs[family_of[r.cluster.gpu.name]],
+                                           intervals=False)),
     }
     if out is not None:
         out.write_text(json.dumps(result, indent=1) + "\n")

@@ -155,10 +155,16 @@ def collective_s(kind: str, n_bytes: float, cluster: Cluster, ranks: int | None 
     if nodes == 1 or kind != "allreduce":  # chuanliu's hierarchical path covers all-reduce; else NCCL's
         return best_cost(kind, n_bytes, cluster, p, algo).time_s(n_bytes)
     intra = best_cost("reducescatter", n_bytes, cluster, g, "ring")
-    rail = Cluster(name="rail", gpu=cluster.gpu, gpus=nodes, gpus_per_node=1, nics_per_node=1,
-                   nic_gbps=cluster.nics_per_node * cluster.nic_gbps / g, net_efficiency=cluster.net_efficiency)
-    inter = best_cost("allreduce", n_bytes / g, rail, nodes, algo)
+    inter = best_cost("allreduce", n_bytes / g, rail_cluster(cluster, nodes), nodes, algo)
     return 2 * intra.time_s(n_bytes) + inter.time_s(n_bytes / g)
+
+
+def rail_cluster(cluster: Cluster, nodes: int) -> Cluster:
+    """The same-local-rank GPUs of ``nodes`` nodes as a group of their own: one GPU per node, each with its rail's
+    share of the node's NICs (what the inter-node step of a hierarchical or hybrid-sharded collective runs on)."""
+    return Cluster(name="rail", gpu=cluster.gpu, gpus=nodes, gpus_per_node=1, nics_per_node=1,
+                   nic_gbps=cluster.nics_per_node * cluster.nic_gbps / cluster.gpus_per_node,
+                   net_efficiency=cluster.net_efficiency)
 
 
 def busbw_gbps(kind: str, n_bytes: float, cluster: Cluster, ranks: int | None = None, algo: str = "auto") -> float:

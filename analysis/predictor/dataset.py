@@ -25,7 +25,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 RUN_FILES = ("llmfoundry.csv", "other_runs.csv")
 SPLIT_SEED = "chuanliu-predictor-v1"
 COLUMNS = ["id", "model", "n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "mlp", "vocab_size", "tied_embeddings", "seq_len", "gpu", "gpus", "gpus_per_node", "nics_per_node", "nic_gbps", "engine", "precision", "recompute", "micro_batch", "grad_accum", "global_batch_seqs", "attention", "fused_loss", "tokens_per_s_per_gpu", "mfu", "hfu", "source", "notes"]
-OPTIONAL = {"position": "rope", "bias": "false"}  # columns a file may leave out, and their values then
+OPTIONAL = {"position": "rope", "bias": "false", "shard_group": "", "fused_kernels": ""}  # columns a file may leave out, and their values then
 ATTENTION = {"flash2": "flash", "flash1": "flash", "flash": "flash", "sdpa": "flash", "triton": "triton",
              "torch": "eager", "unknown": "flash"}
 LOSS = {"linear": "fused", "kernel": "kernel", "yes": "kernel", "no": "eager", "unknown": "eager"}
@@ -99,7 +99,9 @@ def _techniques(r: dict) -> Techniques:
     if attention not in ATTENTION or loss not in LOSS:
         raise ValueError(f"row {r['id']}: attention {attention!r} / fused_loss {loss!r} unknown; use one of "
                          f"{sorted(ATTENTION)} / {sorted(LOSS)}")
-    compiled = "torch.compile" in r.get("notes", "")
+    # fused kernels: torch.compile, or a framework that ships them (Megatron-core / NeMo / TransformerEngine,
+    # InternEvo: fused RMSNorm, RoPE, SwiGLU and cross-entropy), as the row's fused_kernels column says
+    compiled = "torch.compile" in r.get("notes", "") or r["fused_kernels"].strip() == "yes"
     gelu = r["mlp"].strip() == "gelu"
     return Techniques(
         attention=ATTENTION[attention],
@@ -107,7 +109,8 @@ def _techniques(r: dict) -> Techniques:
         fused_norm=gelu or compiled, fused_act=compiled, fused_rope=compiled,
         loss="kernel" if (compiled and LOSS[loss] == "eager") else LOSS[loss],
         recompute=r["recompute"].strip() or "none", precision=r["precision"].strip(), engine=ENGINES[engine],
-        reshard_after_forward=engine != "fsdp_shard_grad_op", reduce_bytes=2, overlap=True)
+        reshard_after_forward=engine != "fsdp_shard_grad_op", reduce_bytes=2, overlap=True,
+        shard_group=_int(r["shard_group"]) or ((_int(r["gpus_per_node"]) or 8) if engine == "fsdp_hybrid_shard" else 0))
 
 
 def _row(r: dict) -> Row:

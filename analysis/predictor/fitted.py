@@ -20,12 +20,13 @@ def load_fit(path: Path = FIT_PATH) -> dict:
 
 
 def efficiencies_for(gpu: GPU, fit: dict | None = None) -> Efficiencies:
-    """This GPU type's constants: its family's fitted values plus the shared ones. A GPU type without rows of
-    its own uses the family of the same silicon (inputs.GPUS says which)."""
+    """This GPU type's constants: its own fitted values (when the calibration half had enough of its rows) or
+    those of the same silicon (inputs.GPUS' family), plus the shared ones."""
     fit = fit or load_fit()
     families = fit["families"]
-    if gpu.family not in families:
+    family = gpu.name if gpu.name in families else gpu.family
+    if family not in families:
         raise ValueError(f"no fitted constants for {gpu.name} (family {gpu.family}); the data set's calibration "
                          f"half covers {sorted(families)}: add published runs of this GPU type and refit, or pass "
                          "eff= explicitly")
-    return Efficiencies(**(fit["shared"] | families[gpu.family]))
+    return Efficiencies(**(fit["shared"] | families[family]))

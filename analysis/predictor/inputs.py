@@ -207,6 +207,7 @@ class Techniques:
     engine: str = "ddp"  # ddp | zero1 | zero2 | zero3 (FSDP full shard is ZeRO-3's layout)
     layers_per_unit: int = 1  # ZeRO-3/FSDP: decoder layers gathered together
     reshard_after_forward: bool = True  # ZeRO-3/FSDP: gather again for backward (False: FSDP SHARD_GRAD_OP)
+    shard_group: int = 0  # ranks the ZeRO/FSDP shards span (HSDP, InternEvo's zero1=8); 0: every rank
     reduce_bytes: int = 2  # gradient element bytes in the reduction (bf16 2; fp32 4)
     collective: str = "nccl"  # nccl: NCCL's own collectives | hierarchical: chuanliu's two-level all-reduce
     nccl_algo: str = "auto"  # auto (chosen as NCCL's tuner would) | ring | tree

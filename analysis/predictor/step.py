@@ -18,7 +18,7 @@ overlaps compute slows it by ``overlap_slowdown`` x its duration (NCCL kernels t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from analysis.predictor import collectives as coll
 from analysis.predictor.compute import Efficiencies, MicroBatch, micro_batch_terms, optimizer_s
@@ -82,14 +82,30 @@ def _bucketed(kind: str, n: float, bucket: float, c: Cluster, t: Techniques, win
     return _Comm(total, exposed, total - exposed, bucket)
 
 
+def shard_ranks(t: Techniques, c: Cluster) -> int:
+    """Ranks a ZeRO/FSDP shard group spans: all of them, or a hybrid group (HSDP) of ``shard_group``."""
+    return min(t.shard_group, c.gpus) if t.shard_group else c.gpus
+
+
 def _zero3(m: ModelShape, c: Cluster, t: Techniques, mbt: MicroBatch) -> _Comm:
-    """One micro-batch of FSDP / ZeRO-3: per-unit gathers and reduce-scatters, prefetched behind compute."""
+    """One micro-batch of FSDP / ZeRO-3: per-unit gathers and reduce-scatters, prefetched behind compute. Hybrid
+    sharding (HSDP) gathers and reduce-scatters within its group and all-reduces the shard across groups."""
     lpu = max(1, t.layers_per_unit)
     units = math.ceil(m.n_layers / lpu)
     layer = m.layer_params() * lpu
     root = m.total_params() - m.n_layers * m.layer_params()  # embedding, head, positions, final norm
-    ag = lambda n: coll.collective_s("allgather", n * 2, c, c.gpus, t.nccl_algo)
-    rs = lambda n: coll.collective_s("reducescatter", n * t.reduce_bytes, c, c.gpus, t.nccl_algo)
+    g = shard_ranks(t, c)
+    replicas = c.gpus // g
+    rail = coll.rail_cluster(c, replicas) if replicas > 1 else None
+
+    def ag(n: float) -> float:
+        return coll.collective_s("allgather", n * 2, c, g, t.nccl_algo)  # 16-bit weights
+
+    def rs(n: float) -> float:
+        out = coll.collective_s("reducescatter", n * t.reduce_bytes, c, g, t.nccl_algo)
+        return out + (coll.collective_s("allreduce", n * t.reduce_bytes / g, rail, replicas, t.nccl_algo)
+                      if rail else 0.0)
+
     ag_u, rs_u, ag_r, rs_r = ag(layer), rs(layer), ag(root), rs(root)
     fwd_u, bwd_u = mbt.layer_forward_s * lpu, mbt.layer_backward_s * lpu
     ag_b = ag_u if t.reshard_after_forward else 0.0  # SHARD_GRAD_OP keeps the gathered weights for backward
@@ -114,8 +130,9 @@ def _communication(m: ModelShape, c: Cluster, t: Techniques, mbt: MicroBatch, ac
         sync = _Comm(accum * one.total_s, accum * one.exposed_s, accum * one.overlapped_s, one.bucket_bytes)
     else:
         sync = _bucketed("allreduce", grad, bucket, c, t, window)
-    if t.zero_stage in (1, 2):  # the updated 16-bit weights, gathered after the step
-        after = _bucketed("allgather", m.total_params() * 2.0, bucket, c, t, None)
+    if t.zero_stage in (1, 2):  # the updated 16-bit weights, gathered after the step (within a hybrid group)
+        group = replace(c, gpus=shard_ranks(t, c))
+        after = _bucketed("allgather", m.total_params() * 2.0, bucket, group, t, None)
         sync = _Comm(sync.total_s + after.total_s, sync.exposed_s + after.exposed_s, sync.overlapped_s,
                      sync.bucket_bytes)
     return sync, sync.bucket_bytes
@@ -135,7 +152,7 @@ def predict(model: ModelShape, cluster: Cluster, tech: Techniques, *, seq_len: i
     _check(cluster, seq_len, micro_batch, grad_accum)
     eff = eff or efficiencies_for(cluster.gpu)
     mbt = micro_batch_terms(model, cluster.gpu, tech, eff, seq_len, micro_batch)
-    opt = optimizer_s(model, cluster.gpu, tech, eff, cluster.gpus)
+    opt = optimizer_s(model, cluster.gpu, tech, eff, shard_ranks(tech, cluster))
     comm, bucket = _communication(model, cluster, tech, mbt, grad_accum)
     compute = grad_accum * mbt.total_s + opt + eff.step_overhead_s
     slowdown = eff.overlap_slowdown * min(comm.overlapped_s, grad_accum * mbt.total_s)
@@ -145,7 +162,7 @@ def predict(model: ModelShape, cluster: Cluster, tech: Techniques, *, seq_len: i
     fpt = model.flops_per_token(seq_len, tech.recomputed())
     peak = cluster.gpu.peak_flops("bf16" if tech.precision in ("fp8", "bf16", "fp16") else tech.gemm_dtype)
     gp, tau, mtbf = job_goodput(tech, cluster.gpus)
-    mem = peak_memory_bytes(model, tech, seq_len, micro_batch, cluster.gpus)
+    mem = peak_memory_bytes(model, tech, seq_len, micro_batch, shard_ranks(tech, cluster))
     breakdown = {"gemm_s": grad_accum * mbt.gemm_s, "attention_s": grad_accum * mbt.attention_s,
                  "scores_s": grad_accum * mbt.scores_s, "elementwise_s": grad_accum * mbt.elementwise_s,
                  "loss_s": grad_accum * mbt.loss_s, "layer_overhead_s": grad_accum * mbt.overhead_s,
