@@ -81,6 +81,13 @@ def _fmt_validation(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _write_check(result: dict, fmt, out: Path) -> None:
+    """Print a check's table and record it under docs/ (the tests compare the record with a fresh run)."""
+    print(fmt(result))
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m analysis.predictor", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="baichuan_7b")
@@ -111,31 +118,17 @@ def main(argv: list[str] | None = None) -> None:
         s = r["calibration"]
         print(f"calibration half: {s['rows']} rows, mean |error| {s['mean_abs_error']:.1%}; wrote data/fit.json")
         return
-    if args.validate:
-        result = calibration.validate()
-        print(_fmt_validation(result))
-        out = DOCS / "predictor_validation.json"
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {out}")
-        return
+    checks = {"validate": (calibration.validate, _fmt_validation, "predictor_validation.json"),
+              "nccl": (nccl_check.check, nccl_check.format_check, "predictor_nccl.json"),
+              "torchtitan": (titan_check.check, titan_check.format_check, "predictor_torchtitan.json")}
+    for name, (check, fmt, filename) in checks.items():
+        if getattr(args, name):
+            _write_check(check(), fmt, DOCS / filename)
+            return
     if args.baichuan:
         iv = baichuan_interval()
         print("Baichuan-7B, 1024 x A800, seq 4096, techniques=all (ZeRO-2, 1e8-element buckets, overlap)")
         print(_fmt_interval(iv, BAICHUAN_7B["mfu"]))
-        return
-    if args.nccl:
-        result = nccl_check.check()
-        print(nccl_check.format_check(result))
-        out = DOCS / "predictor_nccl.json"
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {out}")
-        return
-    if args.torchtitan:
-        result = titan_check.check()
-        print(titan_check.format_check(result))
-        out = DOCS / "predictor_torchtitan.json"
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {out}")
         return
     if args.calibrate:
         result = calibration.calibrate_local(args.calibrate)
