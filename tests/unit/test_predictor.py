@@ -303,3 +303,12 @@ def _yaml(run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+
+
+def test_cli_bad_input_exits_2_with_one_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "analysis.predictor", "--model", "gpt5"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "unknown model 'gpt5'" in out.stderr and "Traceback" not in out.stderr
