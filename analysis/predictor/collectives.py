@@ -60,10 +60,6 @@ class Cost:
     def time_s(self, n_bytes: float) -> float:
         return 0.0 if self.factor == 0 else self.latency_s + self.factor * n_bytes / self.busbw_Bps
 
-    def alpha_beta(self) -> tuple[float, float]:
-        """(alpha s, beta s/byte): the same collective as comm/buckets.py's linear cost model sees it."""
-        return self.latency_s, (self.factor / self.busbw_Bps if self.factor else 0.0)
-
 
 def _factor(kind: str, p: int) -> float:
     if kind not in KINDS:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from analysis.predictor.inputs import Cluster, ModelShape, Ranges, Techniques, get_gpu, network_ranges
+from analysis.predictor.inputs import Cluster, ModelShape, Ranges, Techniques, apply_assumption, get_gpu, network_ranges
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 RUN_FILES = ("llmfoundry.csv", "other_runs.csv")
@@ -48,7 +48,6 @@ class Row:
     ranges: Ranges  # the inputs this publication does not state
     source: str
     notes: str = ""
-    raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def validation(self) -> bool:
@@ -138,7 +137,7 @@ def _row(r: dict) -> Row:
     return Row(id=r["id"], model=model, seq_len=int(r["seq_len"]),
                cluster=cluster, tech=tech, micro_batch=mb, grad_accum=_int(r["grad_accum"]) or 1,
                tokens_per_s_per_gpu=float(r["tokens_per_s_per_gpu"]), mfu=_float(r["mfu"]), hfu=_float(r["hfu"]),
-               ranges=ranges, source=r["source"], notes=r.get("notes", ""), raw=r)
+               ranges=ranges, source=r["source"], notes=r.get("notes", ""))
 
 
 def load_rows(files: tuple[str, ...] = RUN_FILES) -> list[Row]:
@@ -163,7 +162,5 @@ def split(rows: list[Row]) -> tuple[list[Row], list[Row]]:
 
 def with_point(row: Row) -> Row:
     """The row with its unpublished inputs at their point estimates (the first value of each range)."""
-    point = row.ranges.point()
-    return replace(row, cluster=replace(row.cluster, **{k: point[k] for k in ("nics_per_node", "nic_gbps")
-                                                       if k in point}),
-                   tech=replace(row.tech, **{k: point[k] for k in ("nccl_algo", "reduce_bytes") if k in point}))
+    c, t, mb, ga = apply_assumption(row.cluster, row.tech, row.micro_batch, row.grad_accum, row.ranges.point())
+    return replace(row, cluster=c, tech=t, micro_batch=mb, grad_accum=ga)

@@ -37,9 +37,14 @@ def predict_interval(model: ModelShape, cluster: Cluster, tech: Techniques, *, s
                      grad_accum: int = 1, ranges: Ranges, eff: Efficiencies | None = None,
                      published_tokens_per_s: float | None = None, published_mfu: float | None = None,
                      tolerance: float = 0.05) -> Interval:
+    memo: dict[tuple, Prediction] = {}  # the point and each one-axis change are among the combinations
+
     def one(choice: dict) -> Prediction:
-        c, t, mb, ga = apply_assumption(cluster, tech, micro_batch, grad_accum, choice)
-        return predict(model, c, t, seq_len=seq_len, micro_batch=mb, grad_accum=ga, eff=eff)
+        key = tuple(sorted(choice.items()))
+        if key not in memo:
+            c, t, mb, ga = apply_assumption(cluster, tech, micro_batch, grad_accum, choice)
+            memo[key] = predict(model, c, t, seq_len=seq_len, micro_batch=mb, grad_accum=ga, eff=eff)
+        return memo[key]
 
     combos = ranges.combinations() or [{}]
     preds = [(choice, one(choice)) for choice in combos]

@@ -138,7 +138,7 @@ def _communication(m: ModelShape, c: Cluster, t: Techniques, mbt: MicroBatch, ac
     return sync, sync.bucket_bytes
 
 
-def _check(c: Cluster, seq: int, mb: int, accum: int) -> None:
+def _check(seq: int, mb: int, accum: int) -> None:
     if seq <= 0 or mb <= 0 or accum <= 0:
         raise ValueError(f"seq_len, micro_batch and grad_accum must be positive (got {seq}, {mb}, {accum})")
 
@@ -149,7 +149,7 @@ def predict(model: ModelShape, cluster: Cluster, tech: Techniques, *, seq_len: i
 
     ``eff``: the GPU type's constants; by default those fitted on the calibration half of the data set
     (data/fit.json)."""
-    _check(cluster, seq_len, micro_batch, grad_accum)
+    _check(seq_len, micro_batch, grad_accum)
     eff = eff or efficiencies_for(cluster.gpu)
     mbt = micro_batch_terms(model, cluster.gpu, tech, eff, seq_len, micro_batch)
     opt = optimizer_s(model, cluster.gpu, tech, eff, shard_ranks(tech, cluster))
