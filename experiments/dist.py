@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from fault.progress import enable_flight_recorder
+
 STAMP_ENV = "CHUANLIU_RUN_STAMP"
 TIMEOUT_ENV = "CHUANLIU_PG_TIMEOUT_S"  # process-group timeout; tests set it short
 
@@ -73,6 +75,7 @@ def init_distributed() -> DistInfo:
             backend = "cpu:gloo,cuda:nccl"  # NCCL for GPU tensors, gloo for CPU-side objects
         else:
             backend = "gloo"
+        enable_flight_recorder()  # per-group collective counts: the watchdog blames the rank that never entered
         dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(timeout), rank=info.rank,
                                 world_size=info.world_size)
         if STAMP_ENV not in os.environ:

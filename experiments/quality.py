@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from analysis.quality import DEFAULT_MARGIN, DEFAULT_MIN_RATE, DocLoss, compare, to_json, to_markdown
 from experiments.config import typed
-from fault.checkpoint import FORMAT, MANIFEST, file_sha256, newest_committed
+from fault.checkpoint import FORMAT, MANIFEST, SafeReader, file_sha256, newest_committed
 from systems.corpus import HELDOUT_SEED, heldout_documents
 from systems.data import DataConfig
 from systems.model import ModelConfig, build_model
@@ -121,7 +121,7 @@ def load_model(run: RunCheckpoint) -> torch.nn.Module:
     # A partial load: DCP reads only the "model" entries; the checkpoint's "optim" entries stay on disk.
     with warnings.catch_warnings():  # DCP warns that there is no process group; one process is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(run.checkpoint), no_dist=True)
+        dcp.load({"model": state}, storage_reader=SafeReader(run.checkpoint), no_dist=True)
     set_model_state_dict(model, state)
     return model.float().eval()
 

@@ -42,7 +42,8 @@ from experiments.dist import DistInfo, dist_info
 from fault.chaos import Chaos, ChaosConfig
 from fault.checkpoint import CheckpointConfig, CheckpointManager, Loaded, rng_state, set_rng_state
 from fault.events import EventLog, restart_count
-from fault.watchdog import FaultDetected, ForwardTimer, Watchdog, WatchdogConfig, check_losses, install_stop_handler
+from fault.watchdog import (ComputeTimer, FaultDetected, Watchdog, WatchdogConfig, check_losses,
+                            install_stop_handler)
 from systems import capabilities
 from systems.data import DataConfig, build_data, resolve_cache_dir
 from systems.fusion import FusionConfig
@@ -115,7 +116,7 @@ class Run:
     checkpoint: CheckpointManager
     chaos: Chaos
     watchdog: Watchdog
-    forward_timer: ForwardTimer
+    compute_timer: ComputeTimer  # forward compute, without the engine's parameter gathers (stragglers)
     start_step: int = 0  # the step of the checkpoint resumed from (0: a fresh start)
     resumed_from: str | None = None
     step: int = 0  # the step in progress (for events)
@@ -305,7 +306,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
               peak_memory=peak_memory_fn(device), meter=SavedTensorMeter(engine.module.parameters()),
               show_progress=info.is_main and log_cfg.progress_bar, loader=loader,
               events=EventLog(run_dir, info.rank), checkpoint=None, chaos=None, watchdog=None,
-              forward_timer=ForwardTimer(device))
+              compute_timer=ComputeTimer(device))
+    run.compute_timer.exclude_engine_hooks(engine.module)  # before chaos or anything else adds forward pre-hooks
     build_fault_tolerance(run, ckpt_cfg, chaos_cfg, watchdog_cfg, model_cfg)
     return run
 
@@ -315,7 +317,7 @@ def check_fault_config(ckpt: CheckpointConfig, chaos: ChaosConfig, watchdog: Wat
     if "hang" in kinds and not watchdog.enabled:
         raise ConfigError("a hang fault needs the watchdog (fault.watchdog.enabled=true); without it the job "
                           "would wait out the process-group timeout")
-    if kinds & {"corrupt_checkpoint", "kill_mid_save"} and not ckpt.enabled:
+    if kinds & {"corrupt_checkpoint", "kill_mid_save", "slow_io"} and not ckpt.enabled:
         raise ConfigError(f"fault.chaos={chaos.name} injects into checkpoints but fault/checkpoint is off; use "
                           "fault/checkpoint=sync or async")
     if kinds and not ckpt.enabled:
@@ -332,11 +334,15 @@ def checkpoint_fingerprint(model_cfg: ModelConfig, train: TrainConfig) -> dict[s
 
 def build_fault_tolerance(run: Run, ckpt_cfg: CheckpointConfig, chaos_cfg: ChaosConfig,
                           watchdog_cfg: WatchdogConfig, model_cfg: ModelConfig) -> None:
-    """Checkpoints (and resume), chaos injectors, the watchdog and the launcher's stop signal, in that order."""
+    """The watchdog (watching from here on, under its start-up timeout), checkpoints (and resume), chaos injectors
+    and the launcher's stop signal, in that order."""
     info = run.info
     ckpt_dir = Path(ckpt_cfg.dir) if ckpt_cfg.dir else run.run_dir / "checkpoints"
+    run.watchdog = Watchdog(watchdog_cfg, run_dir=run.run_dir, rank=info.rank, world_size=info.world_size,
+                            events=run.events).start()
     run.checkpoint = CheckpointManager(ckpt_cfg, run_dir=run.run_dir, rank=info.rank, world_size=info.world_size,
-                                       fingerprint=checkpoint_fingerprint(model_cfg, run.train), events=run.events)
+                                       fingerprint=checkpoint_fingerprint(model_cfg, run.train), events=run.events,
+                                       progress=run.watchdog.progress)
     # The engine's state dict is made only if there is a checkpoint to load (see CheckpointManager.load). An engine
     # with its own checkpoint format (DeepSpeed) writes and reads it inside the committed directory.
     loaded = run.checkpoint.load(run.engine.sharded_state, native=getattr(run.engine, "native_load", None))
@@ -345,8 +351,6 @@ def build_fault_tolerance(run: Run, ckpt_cfg: CheckpointConfig, chaos_cfg: Chaos
     run.chaos = Chaos(chaos_cfg, rank=info.rank, world_size=info.world_size, total_steps=run.train.steps,
                       events=run.events, checkpoint_dir=ckpt_dir)
     run.chaos.attach(run.engine.module)
-    run.watchdog = Watchdog(watchdog_cfg, run_dir=run.run_dir, rank=info.rank, world_size=info.world_size,
-                            events=run.events)
     install_stop_handler(run.events, lambda: run.step, run.watchdog)
     run.environment.update(checkpoint={"mode": ckpt_cfg.mode, "every": ckpt_cfg.every, "dir": str(ckpt_dir)},
                            resumed_from=run.resumed_from, restart=restart_count(), chaos=chaos_cfg.name)
@@ -378,7 +382,7 @@ def save_checkpoint(run: Run, step: int) -> float | None:
                 "rng": rng_state()}
     return run.checkpoint.save(step, sharded=run.engine.sharded_state(), per_rank=per_rank,
                                before_commit=run.chaos.before_commit(step),
-                               native=getattr(run.engine, "native_save", None))
+                               native=getattr(run.engine, "native_save", None), throttle=run.chaos.io_throttle(step))
 
 
 def micro_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -390,13 +394,13 @@ def micro_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 def train_loop(run: Run) -> dict[str, Any]:
     @contextlib.contextmanager
     def forward_context():  # entered once per micro-batch forward; the timer includes an injected slowdown
-        with run.precision.autocast(run.device.type), run.meter, run.forward_timer(), run.chaos.forward():
+        run.watchdog.progress.next_micro()
+        with run.precision.autocast(run.device.type), run.meter, run.compute_timer(), run.chaos.forward():
             yield
     # disable=None: tqdm shows the bar only on a terminal, so CI logs get the periodic lines alone.
     bar = tqdm(range(run.start_step + 1, run.train.steps + 1), disable=None if run.show_progress else True,
                desc="train", unit="step", dynamic_ncols=True, mininterval=1.0, initial=run.start_step,
                total=run.train.steps)
-    run.watchdog.start()
     for step in bar:
         run.step = step
         run.chaos.step_start(step)
@@ -410,7 +414,7 @@ def train_loop(run: Run) -> dict[str, Any]:
         loss_value = loss.item()
         run.sync()
         step_s = time.perf_counter() - t0
-        forward_s = run.forward_timer.take()
+        forward_s = run.compute_timer.take()
         block_s = save_checkpoint(run, step)
         run.metrics.step(step, loss=loss_value, lr=stats["lr"], grad_norm=stats["grad_norm"], step_s=step_s,
                          mem_peak_bytes=run.peak_memory(),
@@ -463,6 +467,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if run.start_step >= run.train.steps:  # e.g. a finished run started again: leave its files as they are
         log.warning("the checkpoint resumed from is at step %d and train.steps=%d: nothing left to train (raise "
                     "train.steps to continue); %s is unchanged", run.start_step, run.train.steps, run.run_dir)
+        run.watchdog.stop()
         run.checkpoint.close()
         return {}
     try:
@@ -472,7 +477,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     except Exception as e:
         # A peer that died breaks the collective this rank was in; anything else is this rank's own failure.
         peer = isinstance(e, dist.DistError) or any(s in str(e) for s in PEER_FAILURE)
-        dead = run.watchdog.dead_ranks() if peer else []
+        dead = run.watchdog.unresponsive_ranks() if peer else []
         run.events.emit("detected", durable=True, cause="collective_failure" if peer else "exception",
                         blamed_rank=(dead[0] if dead else None) if peer else run.info.rank, dead_ranks=dead,
                         step=run.step, detail=f"{type(e).__name__}: {e}"[:500])

@@ -2,7 +2,15 @@
 
 Kinds (``conf/fault/chaos/<kind>.yaml`` each schedule one; ``mtbf`` draws several):
     kill                SIGKILL the rank at the start of a step (a crashed host or OOM-killed process)
-    hang                the rank stops making progress (a stuck kernel or deadlock): found by the watchdog
+    hang                the rank stops making progress, found by the watchdog; ``where`` places it:
+                          step_start  between steps, before the step's first collective
+                          forward     inside the forward pass (a pre-hook on the middle block of the model)
+                          allreduce   inside backward where gradient reductions are issued (at the embedding's
+                                      gradient, the last one): the peers wait inside the gradient all-reduce
+                          optimizer   inside the optimizer step (a global optimizer step pre-hook)
+                          sigstop     SIGSTOP of the whole process at a random moment of the step: frozen in
+                                      whatever it was doing (compute, a collective, I/O), threads and all
+                          random      one of the above, drawn from the chaos seed
     slow                the rank's forward runs ``slow_factor`` times slower (a throttled GPU): a straggler
     nan_loss            the rank's loss becomes NaN (a bad batch or an overflow)
     exception           the rank raises (a software bug)
@@ -10,6 +18,10 @@ Kinds (``conf/fault/chaos/<kind>.yaml`` each schedule one; ``mtbf`` draws severa
                         fall back to the previous checkpoint
     kill_mid_save       SIGKILL the rank during a checkpoint save, after its shards are written and before the
                         commit: the half-written checkpoint must never become visible
+    slow_io             the rank's checkpoint writes run at ``io_mb_s`` MB/s (0: stuck for good), each byte
+                        standing for ``io_size_factor`` bytes (a small model's save lasting as long as a 7B one's),
+                        for ``io_saves`` saves from ``step`` on: a slow save must not look like a hang, a stuck one
+                        must be reported as a stuck checkpoint with its rank
 
 A fault fires once per run: injections are recorded in events.jsonl (fsynced before a kill), and a process
 restarted by the launcher reads them back and does not fire them again. Real faults are transient too; a fault
@@ -25,18 +37,22 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fault.events import EventLog, read_events
 
 log = logging.getLogger(__name__)
 
-KINDS = ("kill", "hang", "slow", "nan_loss", "exception", "corrupt_checkpoint", "kill_mid_save")
+KINDS = ("kill", "hang", "slow", "nan_loss", "exception", "corrupt_checkpoint", "kill_mid_save", "slow_io")
+HANG_PLACES = ("step_start", "forward", "allreduce", "optimizer", "sigstop")
 
 
 class ChaosError(RuntimeError):
@@ -46,18 +62,28 @@ class ChaosError(RuntimeError):
 @dataclass(kw_only=True)
 class FaultSpec:
     kind: str  # one of KINDS
-    step: int  # fires at this step (kill_mid_save: at the first checkpoint save at or after it)
+    step: int | None  # fires at this step (kill_mid_save, slow_io: the first save at or after it); None: drawn
     rank: int | None = None  # target rank; None: drawn from the chaos seed
+    where: str = "step_start"  # hang: one of HANG_PLACES, or random (drawn from the chaos seed)
     slow_factor: float = 3.0  # slow: forward takes this many times as long
     slow_steps: int = 0  # slow: for this many steps (0: until the end of the run)
+    io_mb_s: float = 200.0  # slow_io: write bandwidth in MB/s (0: the write never completes)
+    io_size_factor: float = 1.0  # slow_io: each byte written stands for this many (emulates a bigger checkpoint)
+    io_saves: int = 1  # slow_io: this many saves are slow (0: every save from `step` on)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"fault.chaos fault kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
-        if self.step < 1:
-            raise ValueError(f"fault.chaos fault step must be >= 1, got {self.step}")
+        if self.step is not None and self.step < 1:
+            raise ValueError(f"fault.chaos fault step must be >= 1 (or null: drawn), got {self.step}")
+        if self.where not in (*HANG_PLACES, "random"):
+            raise ValueError(f"fault.chaos fault where={self.where!r} is unknown; use one of "
+                             f"{', '.join(HANG_PLACES)} or random")
         if self.slow_factor <= 1:
             raise ValueError(f"fault.chaos slow_factor must be > 1, got {self.slow_factor}")
+        if self.io_mb_s < 0 or self.io_size_factor < 1 or self.io_saves < 0:
+            raise ValueError(f"fault.chaos slow_io needs io_mb_s >= 0 (got {self.io_mb_s}), io_size_factor >= 1 "
+                             f"(got {self.io_size_factor}) and io_saves >= 0 (got {self.io_saves})")
 
 
 @dataclass(kw_only=True)
@@ -88,8 +114,12 @@ class ChaosConfig:
                     break
                 faults.append(FaultSpec(kind=rng.choice(self.kinds), step=max(2, int(step))))
         for f in faults:
+            if f.step is None:  # leave step 1 (start-up) and the last step (recovery must show) alone
+                f.step = rng.randrange(2, max(3, total_steps))
             if f.rank is None:
                 f.rank = rng.randrange(world_size)
+            if f.kind == "hang" and f.where == "random":
+                f.where = rng.choice(HANG_PLACES)
             if f.rank >= world_size:
                 raise ValueError(f"fault.chaos: a {f.kind} fault targets rank {f.rank} but the job has "
                                  f"{world_size} rank(s)")
@@ -107,16 +137,46 @@ class Chaos:
         # (id, fault) pairs still to fire on this rank; the id is the position in the shared schedule
         self.pending = [(i, f) for i, f in enumerate(self.schedule) if f.rank == rank and i not in fired]
         self._slow: tuple[int, FaultSpec] | None = None
+        self._slow_io: tuple[int, FaultSpec, int] | None = None  # fault, saves throttled so far
+        self._armed: tuple[int, FaultSpec] | None = None  # a hang waiting for its place in this step
         self._nan_step: int | None = None
         self._step = 0
+        self._step_started: float | None = None
+        self._last_step_s = 1.0
+        self._rng = random.Random(cfg.seed * 1_000_003 + rank)
         if self.pending:
             log.warning("chaos: rank %d will inject %s", rank,
-                        ", ".join(f"{f.kind}@step{f.step}" for _, f in self.pending))
+                        ", ".join(f"{f.kind}{'/' + f.where if f.kind == 'hang' else ''}@step{f.step}"
+                                  for _, f in self.pending))
 
     def attach(self, model: nn.Module) -> None:
-        """The nan_loss fault multiplies the model's output (the loss) by NaN through a forward hook."""
-        if any(f.kind == "nan_loss" for _, f in self.pending):
+        """Install the hooks the pending faults strike from: NaN on the output (nan_loss); for a hang, a pre-hook on
+        the middle block (forward), a gradient hook on the embedding's output (allreduce), a global optimizer step
+        pre-hook (optimizer)."""
+        kinds = {f.kind for _, f in self.pending}
+        places = {f.where for _, f in self.pending if f.kind == "hang"}
+        if "nan_loss" in kinds:
             model.register_forward_hook(lambda m, args, out: out * float("nan") if self._nan_step else out)
+        if "forward" in places:
+            blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
+            target = blocks[len(blocks) // 2] if blocks else model
+            target.register_forward_pre_hook(lambda m, args: self._strike("forward"))
+        if "allreduce" in places:
+            embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), model)
+
+            def on_output(m, args, out):
+                if isinstance(out, torch.Tensor) and out.requires_grad:
+                    out.register_hook(lambda grad: self._strike("allreduce"))
+            embedding.register_forward_hook(on_output)
+        if "optimizer" in places:
+            register_optimizer_step_pre_hook(lambda opt, args, kwargs: self._strike("optimizer"))
+
+    def _strike(self, where: str) -> None:
+        if self._armed is not None and self._armed[1].where == where:
+            fault_id, f = self._armed
+            self._armed = None
+            self._record(fault_id, f, self._step, where=where)
+            _hang_forever()
 
     def _due(self, step: int, kinds: tuple[str, ...]) -> tuple[int, FaultSpec] | None:
         for i, f in self.pending:
@@ -128,11 +188,15 @@ class Chaos:
     def _record(self, fault_id: int, f: FaultSpec, step: int, **extra) -> None:
         self.events.emit("fault_injected", durable=True, fault=f.kind, fault_id=fault_id, step=step,
                          target_rank=self.rank, **extra)
-        log.warning("chaos: injecting %s on rank %d at step %d", f.kind, self.rank, step)
+        log.warning("chaos: injecting %s on rank %d at step %d %s", f.kind, self.rank, step, extra or "")
 
     def step_start(self, step: int) -> None:
-        """Faults that strike between steps: kill, hang, exception, corrupt_checkpoint; arms slow and nan."""
-        self._step = step
+        """Faults that strike between steps: kill, hang (step_start), exception, corrupt_checkpoint; arms the
+        others (a hang at its place in this step, a SIGSTOP at a random moment of it, slow, nan)."""
+        now = time.monotonic()
+        if self._step_started is not None:
+            self._last_step_s = now - self._step_started
+        self._step, self._step_started = step, now
         self._nan_step = None
         due = self._due(step, ("kill", "hang", "exception", "corrupt_checkpoint", "slow", "nan_loss"))
         if due is None:
@@ -142,18 +206,29 @@ class Chaos:
             corrupted = corrupt_newest(self.checkpoint_dir)
             self._record(fault_id, f, step, corrupted=str(corrupted) if corrupted else None)
             _die()
-        self._record(fault_id, f, step)
+        if f.kind == "hang" and f.where == "sigstop":
+            delay = self._rng.uniform(0.0, self._last_step_s)  # somewhere inside this step, whatever it is doing
+            threading.Thread(target=self._freeze, args=(fault_id, f, step, delay), daemon=True).start()
+            return
+        if f.kind == "hang" and f.where != "step_start":
+            self._armed = due
+            return
+        self._record(fault_id, f, step, **({"where": f.where} if f.kind == "hang" else {}))
         if f.kind == "kill":
             _die()
         elif f.kind == "hang":
-            while True:  # stuck, as a deadlocked rank would be; only the watchdog ends this
-                time.sleep(3600)
+            _hang_forever()
         elif f.kind == "exception":
             raise ChaosError(f"chaos: injected exception on rank {self.rank} at step {step}")
         elif f.kind == "slow":
             self._slow = due
         elif f.kind == "nan_loss":
             self._nan_step = step
+
+    def _freeze(self, fault_id: int, f: FaultSpec, step: int, delay: float) -> None:
+        time.sleep(delay)
+        self._record(fault_id, f, step, where="sigstop", delay_s=round(delay, 3))
+        os.kill(os.getpid(), signal.SIGSTOP)  # every thread stops: no heartbeat, no progress, no exit
 
     @contextlib.contextmanager
     def forward(self) -> Iterator[None]:
@@ -167,6 +242,33 @@ class Chaos:
             else:
                 time.sleep((f.slow_factor - 1) * (time.perf_counter() - t0))
 
+    def io_throttle(self, step: int) -> Callable[[int, Callable[[], None]], None] | None:
+        """For a checkpoint save at ``step``: the slow_io throttle, called before each chunk this rank writes with
+        the chunk's size and a function that reports the write as still moving."""
+        if self._slow_io is None and (due := self._due(step, ("slow_io",))) is not None:
+            self._slow_io = (*due, 0)
+        if self._slow_io is None:
+            return None
+        fault_id, f, saves = self._slow_io
+        if f.io_saves and saves >= f.io_saves:
+            self._slow_io = None
+            return None
+        self._slow_io = (fault_id, f, saves + 1)
+        if saves == 0:
+            self._record(fault_id, f, step, io_mb_s=f.io_mb_s, io_size_factor=f.io_size_factor)
+
+        def throttle(nbytes: int, moving: Callable[[], None]) -> None:
+            if f.io_mb_s == 0:
+                _hang_forever()  # a write that never returns (a dead NFS server, a stuck device)
+            # A chunk of a checkpoint io_size_factor times bigger, written at io_mb_s: as long as a real disk
+            # takes; sliced so that the bytes moving show as progress, as a real disk's 1 MiB writes would.
+            remaining = nbytes * f.io_size_factor / (f.io_mb_s * 1e6)
+            while remaining > 0:
+                time.sleep(min(remaining, 0.1))
+                remaining -= 0.1
+                moving()
+        return throttle
+
     def before_commit(self, step: int) -> Callable[[], None]:
         """The hook a checkpoint save calls after this rank's files are written, before the commit."""
         def hook() -> None:
@@ -175,6 +277,12 @@ class Chaos:
                 self._record(*due, step)
                 _die()
         return hook
+
+
+def _hang_forever() -> None:
+    """Stuck, as a deadlocked rank would be (alive: its watchdog thread still beats); only the watchdog ends this."""
+    while True:
+        time.sleep(3600)
 
 
 def _die() -> None:

@@ -13,10 +13,26 @@ Layout of ``<dir>`` (default ``<run_dir>/checkpoints``; it must be on a filesyst
     step_000090.corrupt-<time>/  a checkpoint that failed verification, kept for post-mortems and never picked again
 
 Why each decision:
-- Atomic commit. All ranks write into ``.tmp-step_N`` (files fsynced), agree that every rank finished, and only
-  then rank 0 writes the manifest, fsyncs it and renames the directory to ``step_N`` (a rename is atomic on POSIX)
-  and fsyncs the parent. A ``step_N`` directory therefore always holds a complete checkpoint, whatever moment a
-  process is killed at; ``load`` never has to guess whether a save finished.
+- Atomic commit. All ranks write into ``.tmp-step_N`` (files fsynced, an engine's own files too), agree that every
+  rank finished, and only then rank 0 writes the manifest, fsyncs it and renames the directory to ``step_N`` (a
+  rename is atomic on POSIX) and fsyncs the parent. A ``step_N`` directory therefore always holds a complete
+  checkpoint, whatever moment a process is killed at; ``load`` never has to guess whether a save finished.
+- Failures while saving. A rank whose own write fails (a full disk) must not skip a collective the others are in:
+  every rank writes its local state first and the ranks agree that all writes succeeded before the first collective
+  of the save (DCP's); after DCP's write every rank reports its files or its error in one gather. Either way all
+  ranks raise the same error naming the rank, and nothing is committed.
+- Checksums in parallel. Each rank hashes the files it writes while writing them (the streams are sequential), so
+  a 100 GB checkpoint is hashed by all ranks at once and never read back; rank 0 hashes only DCP's small
+  ``.metadata`` and the files of an engine's own writer. The commit checks that every file another rank wrote is
+  visible to rank 0 with its size: a checkpoint directory that is not on a shared file system is reported at the
+  first save, not discovered at resume.
+- Progress from inside. Writes and hashes report their bytes to the watchdog (fault.progress), so a slow save is
+  progress and never trips the hang detector, while a stuck write is found within the hang timeout; an opaque call
+  (an fsync, an engine's own writer) is marked and held to ``checkpoint_timeout_s`` instead.
+- No code in checkpoints. Loading never unpickles arbitrary objects: the per-rank files hold tensors and plain
+  types and are loaded with ``weights_only=True``, and DCP's ``.metadata`` is unpickled with an allow-list of DCP's
+  own metadata classes; anything else is refused. (The sha256 manifest does not help here: whoever writes the files
+  writes the manifest.) DeepSpeed's own checkpoint files are read by DeepSpeed, which unpickles them fully.
 - Verification. Disks, networks and chaos drills still corrupt committed files, so ``load`` checks the manifest,
   the file sizes and (``verify``) their sha256, and falls back to the next older checkpoint with a warning and a
   ``checkpoint_fallback`` event. A corrupt checkpoint is renamed aside, not deleted: the data stays for inspection.
@@ -35,14 +51,18 @@ Why each decision:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -55,8 +75,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from fault.events import EventLog
+from fault.progress import Progress
 
 log = logging.getLogger(__name__)
 # DCP warns on every save/load without a process group, even when no_dist=True says that is the intent; one
@@ -113,14 +136,20 @@ class Loaded:
 
 
 def rng_state() -> dict:
-    """Every generator a training step may draw from: python, numpy, torch CPU and all CUDA devices."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator a training step may draw from: python, numpy, torch CPU and all CUDA devices, as tensors and
+    plain types only, so that the file loads with ``weights_only=True``."""
+    key, mt, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"key": str(key), "state": torch.from_numpy(mt.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -164,10 +193,216 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+CHUNK = 1 << 20  # bytes per write and per progress report
+
+
+class SaveIO:
+    """The I/O of one save as the watchdog and chaos see it: every chunk written or hashed is reported as progress
+    (``Progress.io``), passes through an optional throttle (chaos' ``slow_io``), and every file this rank writes is
+    hashed as it is written. ``written`` maps file names (relative to the checkpoint directory) to bytes and
+    sha256."""
+
+    def __init__(self, root: Path, progress: Progress | None, throttle: Callable | None):
+        self.root, self.progress, self.throttle = root, progress, throttle
+        self.written: dict[str, dict] = {}
+
+    def report(self, nbytes: int, what: str) -> None:
+        if self.progress is not None:
+            self.progress.io(nbytes, what)
+
+    @contextlib.contextmanager
+    def opaque(self, what: str):
+        with self.progress.opaque(what) if self.progress is not None else contextlib.nullcontext():
+            yield
+
+    def write_file(self, path: Path, data: bytes) -> None:
+        with self.open(path) as f:
+            f.write(data)
+
+    @contextlib.contextmanager
+    def open(self, path: Path):
+        with open(path, "wb") as raw:
+            stream = _HashingStream(raw, self, str(Path(path).relative_to(self.root)))
+            yield stream
+            stream.finish()
+
+    def fsync_written(self) -> None:
+        """Flush what this rank wrote (files, then their directories) before the ranks agree the save is done."""
+        with self.opaque(f"fsync of {len(self.written)} file(s)"):
+            for name in self.written:
+                _fsync_path(self.root / name)
+            for d in {(self.root / n).parent for n in self.written}:
+                _fsync_dir(d)
+
+    def sha256(self, path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                self.report(len(chunk), f"sha256 {path.name}")
+        return h.hexdigest()
+
+
+class _HashingStream(io.RawIOBase):
+    """A write-only file for DCP and torch.save: writes in chunks, throttled, reported, hashed on the way. Both
+    writers write sequentially (torch's zip writer checks it); a seek marks the running hash invalid and the file is
+    hashed again from disk when it closes."""
+
+    def __init__(self, raw, owner: SaveIO, name: str):
+        super().__init__()
+        self.raw, self.owner, self.name = raw, owner, name
+        self.hash, self.nbytes, self.sequential = hashlib.sha256(), 0, True
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        for i in range(0, len(view), CHUNK):
+            chunk = view[i:i + CHUNK]
+            if self.owner.throttle is not None:
+                self.owner.throttle(len(chunk), lambda: self.owner.report(0, f"writing {self.name} (slow)"))
+            self.raw.write(chunk)
+            self.hash.update(chunk)
+            self.nbytes += len(chunk)
+            self.owner.report(len(chunk), f"writing {self.name}")
+        return len(view)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.sequential = False
+        return self.raw.seek(offset, whence)
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:  # DCP closes its transform wrappers; the file closes when its context ends
+        pass
+
+    def finish(self) -> None:
+        self.raw.flush()
+        path = self.owner.root / self.name
+        digest = self.hash.hexdigest() if self.sequential else self.owner.sha256(path)
+        self.owner.written[self.name] = {"bytes": path.stat().st_size, "sha256": digest}
+
+
+class _SaveFS(FileSystem):
+    """DCP's file system with every file this rank writes going through SaveIO."""
+
+    def __init__(self, save_io: SaveIO):
+        super().__init__()
+        self.save_io = save_io
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with self.save_io.open(Path(path)) as stream:
+            yield stream
+
+    def rename(self, path, new_path) -> None:  # DCP writes .metadata under a temporary name, then renames it
+        super().rename(path, new_path)
+        io_ = self.save_io
+        old = str(Path(path).relative_to(io_.root))
+        if old in io_.written:
+            io_.written[str(Path(new_path).relative_to(io_.root))] = io_.written.pop(old)
+
+
+class _Writer(dcp.FileSystemWriter):
+    def __init__(self, path: Path, save_io: SaveIO):
+        super().__init__(path, sync_files=False)  # SaveIO.fsync_written syncs, reported as an opaque call
+        self.fs = _SaveFS(save_io)
+
+
+# What DCP's .metadata may reference: its own metadata classes, torch sizes, dtypes and layouts, paths.
+_METADATA_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": None,  # any class defined there (dataclasses, an enum)
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "torch":
+            obj = getattr(torch, name, None)
+            if name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        elif module in _METADATA_ALLOWED:
+            allowed = _METADATA_ALLOWED[module]
+            if allowed is None and module.startswith("torch.distributed.checkpoint") and isinstance(
+                    getattr(importlib.import_module(module), name, None), type):
+                return getattr(importlib.import_module(module), name)
+            if allowed is not None and name in allowed:
+                return getattr(importlib.import_module(module), name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's reader with ``.metadata`` unpickled through an allow-list (DCP itself uses ``pickle.load``, which runs
+    whatever code the file names); tensors are already read with ``weights_only=True``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"refusing to load {path}: it references {e}; a DCP checkpoint's metadata holds "
+                                  "only DCP's own types, so this file was not written by torch.distributed."
+                                  "checkpoint (or was tampered with): load checkpoints only from people you "
+                                  "trust") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def load_per_rank(path: Path) -> dict:
+    """A rank's own state (data position, RNG, schedule, scaler): tensors and plain types only, loaded with
+    ``weights_only=True``, so a shared checkpoint cannot run code when it is resumed."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"refusing to load {path}: it holds objects beyond tensors and plain types, and "
+                              f"unpickling them could run code ({first[:300]}); a chuanliu checkpoint never does, "
+                              "so this file was written by something else or tampered with: resume only "
+                              "checkpoints from people you trust, or set fault.checkpoint.resume to another "
+                              "checkpoint") from None
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under root (an engine's own writer, DeepSpeed's, does not)."""
+    for d, _, files in os.walk(root):
+        for f in files:
+            _fsync_path(Path(d) / f)
+        _fsync_dir(Path(d))
+
+
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, *, run_dir: Path, rank: int, world_size: int,
-                 fingerprint: dict, events: EventLog | None = None):
-        self.cfg, self.rank, self.world_size, self.events = cfg, rank, world_size, events
+                 fingerprint: dict, events: EventLog | None = None, progress: Progress | None = None):
+        self.cfg, self.rank, self.world_size, self.events, self.progress = cfg, rank, world_size, events, progress
+        self._host = socket.gethostname()
         self.dir = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # as it reads back from JSON
         self._distributed = dist.is_available() and dist.is_initialized() and world_size > 1
@@ -177,7 +412,9 @@ class CheckpointManager:
         if not cfg.enabled:
             return
         if self._distributed:
-            self._group = dist.new_group(backend="gloo")  # collective: every rank builds it, in the same order
+            # Collective: every rank builds it, in the same order. The description names it in torch's flight
+            # recorder, so the watchdog can tell a stuck save from a stuck training step.
+            self._group = dist.new_group(backend="gloo", group_desc="checkpoint")
         if cfg.mode == "async":
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
         # The broadcast doubles as the barrier: no rank goes on before rank 0 has prepared the directory.
@@ -224,12 +461,23 @@ class CheckpointManager:
             raise (CheckpointError if box[2] else RuntimeError)(box[1])
         return box[0]
 
-    def _all_ok(self, ok: bool) -> bool:
+    def _gather(self, item: Any) -> list[Any]:
+        """Every rank's item, on every rank (one all_gather_object on the dedicated group)."""
         if not self._distributed:
-            return ok
-        flag = torch.tensor([int(ok)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group)
-        return bool(flag.item())
+            return [item]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, item, group=self._group)
+        return out
+
+    def _agree_ok(self, error: str | None, what: str, step: int) -> None:
+        """Every rank says whether its part succeeded; if any failed, every rank raises the same error."""
+        reports = self._gather((error, self._host))
+        failed = [(r, host, err) for r, (err, host) in enumerate(reports) if err is not None]
+        if failed:
+            raise CheckpointError(f"checkpoint step {step} was not committed: {what} failed on "
+                                  + "; ".join(f"rank {r} ({host}): {err}" for r, host, err in failed)
+                                  + ". Training state is unchanged; free the space or fix the directory, and the "
+                                  "next save tries again (the last committed checkpoint is intact)")
 
     # ---- save -----------------------------------------------------------------------------------------------
     def due(self, step: int, total_steps: int) -> bool:
@@ -237,68 +485,96 @@ class CheckpointManager:
 
     def save(self, step: int, *, sharded: dict, per_rank: dict,
              before_commit: Callable[[], None] | None = None,
-             native: Callable[[Path], None] | None = None) -> float:
+             native: Callable[[Path], None] | None = None,
+             throttle: Callable | None = None) -> float:
         """Save ``step``; returns the seconds training was blocked (async: waiting + staging only).
 
         ``native(dir)``: an engine's own checkpoint writer (DeepSpeed), run on every rank into the uncommitted
         directory before the DCP write, in the caller's thread even when async (it is collective and reads live
-        state); its files are verified and committed with the rest."""
+        state); its files are fsynced, verified and committed with the rest. ``throttle(nbytes)``: called before
+        every chunk this rank writes (chaos' slow_io), with a function that reports the write as moving."""
         t0 = time.perf_counter()
         self.wait()  # one save in flight at most; this also re-raises a background failure
         tmp, final = self.dir / f".tmp-step_{step:06d}", self.dir / f"step_{step:06d}"
         if final.exists():
             raise CheckpointError(f"checkpoint {final} already exists (from an earlier run); refusing to "
                                   f"overwrite it: set fault.checkpoint.dir to a new directory")
-        tmp.mkdir(exist_ok=True)
-        if native is not None:
-            native(tmp)
-        buf = io.BytesIO()
-        torch.save(per_rank, buf)  # serialised now: the caller may change its objects as soon as we return
-        writer = dcp.FileSystemWriter(tmp, sync_files=True)
+        save_io = SaveIO(tmp, self.progress, throttle)
+        error = None
+        try:
+            tmp.mkdir(exist_ok=True)
+            if native is not None:
+                with save_io.opaque(f"checkpoint step {step}: the engine's own writer"):
+                    native(tmp)
+                    _fsync_tree(tmp)
+            # Serialised now (the caller may change its objects as soon as we return) and checked to load with
+            # weights_only=True: a state that could not be resumed safely is refused here, not at resume.
+            buf = io.BytesIO()
+            torch.save(per_rank, buf)
+            torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+            save_io.write_file(tmp / f"rank{self.rank:05d}.pt", buf.getvalue())
+        except Exception as e:  # noqa: BLE001 (every local failure must reach the agreement below)
+            error = f"{type(e).__name__}: {e}"
+        # Before any collective of the save: a rank whose write failed must not skip DCP's collectives.
+        self._agree_ok(error, "writing a rank's own state", step)
+        writer = _Writer(tmp, save_io)
         no_dist = not self._distributed
         if self.cfg.mode == "async":
             # Staging (the host copy) happens inside async_save; the DCP thread writes that copy.
             upload = dcp.async_save(sharded, storage_writer=writer, process_group=self._group, no_dist=no_dist)
             upload = getattr(upload, "upload_completion", upload)  # an AsyncSaveResponse with some stagers
             block_s = time.perf_counter() - t0
-            self._pending = self._pool.submit(self._finish, step, tmp, final, buf.getvalue(), upload.result,
+            self._pending = self._pool.submit(self._finish, step, tmp, final, save_io, upload.result,
                                               before_commit, t0, block_s)
             return block_s
-        self._finish(step, tmp, final, buf.getvalue(),
+        self._finish(step, tmp, final, save_io,
                      lambda: dcp.save(sharded, storage_writer=writer, process_group=self._group, no_dist=no_dist),
                      before_commit, t0, None)
         return time.perf_counter() - t0
 
-    def _finish(self, step: int, tmp: Path, final: Path, per_rank: bytes, write: Callable[[], Any],
+    def _finish(self, step: int, tmp: Path, final: Path, save_io: SaveIO, write: Callable[[], Any],
                 before_commit: Callable[[], None] | None, t0: float, block_s: float | None) -> None:
-        """Write this rank's files, agree that every rank did, commit on rank 0, agree that it did."""
-        ok = False
+        """DCP's write (collective; it raises on every rank alike), this rank's fsync, then one gather of every
+        rank's files or error, and the commit on rank 0."""
+        error = None
         try:
-            _write_file(tmp / f"rank{self.rank:05d}.pt", per_rank)
             write()
+            save_io.fsync_written()
             if before_commit is not None:
                 before_commit()  # fault injection: may raise, or SIGKILL this process
-            ok = True
-        finally:
-            all_wrote = self._all_ok(ok)  # reached even when this rank failed, so that no rank hangs
-        if not all_wrote:
-            raise RuntimeError(f"checkpoint step {step} was not committed: a rank failed while writing {tmp}")
-        committed = self.rank != 0
-        try:
-            if self.rank == 0:
-                self._commit(step, tmp, final, t0, block_s)
-                committed = True
-        finally:
-            all_committed = self._all_ok(committed)
-        if not all_committed:
-            raise RuntimeError(f"checkpoint step {step} was not committed: rank 0 failed to commit {tmp}")
+        except Exception as e:  # noqa: BLE001 (reported to every rank by the gather below, so that none hangs)
+            error = f"{type(e).__name__}: {e}"
+        reports = self._gather((error, self._host, save_io.written))
+        failed = [(r, host, err) for r, (err, host, _) in enumerate(reports) if err is not None]
+        if failed:
+            raise RuntimeError(f"checkpoint step {step} was not committed: writing {tmp} failed on "
+                               + "; ".join(f"rank {r} ({host}): {err}" for r, host, err in failed))
+        self._agree(lambda: self._commit(step, tmp, final, reports, t0, block_s))
 
-    def _commit(self, step: int, tmp: Path, final: Path, t0: float, block_s: float | None) -> None:
-        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+    def _commit(self, step: int, tmp: Path, final: Path, reports: list, t0: float, block_s: float | None) -> None:
+        files: dict[str, dict] = {}
+        unseen = []
+        for r, (_, host, written) in enumerate(reports):
+            for name, info in written.items():
+                files[name] = info
+                f = tmp / name
+                if not f.is_file() or f.stat().st_size != info["bytes"]:
+                    unseen.append((name, r, host))
+        if unseen:
+            name, r, host = unseen[0]
+            raise CheckpointError(
+                f"checkpoint directory {self.dir} is not shared between the ranks: rank 0 on {self._host} cannot see "
+                f"{len(unseen)} file(s) other ranks wrote (e.g. {name} from rank {r} on {host}). Put the run "
+                "directory, or fault.checkpoint.dir, on a file system every node mounts (NFS, Lustre, GPFS, a "
+                "cloud bucket's POSIX mount); otherwise a resume finds half a checkpoint. Nothing was committed")
+        save_io = SaveIO(tmp, self.progress, None)
+        for p in sorted(tmp.rglob("*")):  # files no rank claimed: DCP's .metadata (if untracked), DeepSpeed's
+            name = str(p.relative_to(tmp))
+            if p.is_file() and name not in files:
+                files[name] = {"bytes": p.stat().st_size, "sha256": save_io.sha256(p)}
         manifest = {"format": FORMAT, "step": step, "world_size": self.world_size,
                     "fingerprint": self.fingerprint, "time": time.time(), "torch": torch.__version__,
-                    "files": files}
+                    "files": dict(sorted(files.items()))}
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         _fsync_dir(tmp)
         os.rename(tmp, final)  # the commit: step_N appears complete, or not at all
@@ -354,13 +630,11 @@ class CheckpointManager:
         if callable(sharded):
             sharded = sharded()
         path, step = Path(chosen[0]), chosen[1]
-        dcp.load(sharded, storage_reader=dcp.FileSystemReader(path), process_group=self._group,
+        dcp.load(sharded, storage_reader=SafeReader(path), process_group=self._group,
                  no_dist=not self._distributed)
         if native is not None:
             native(path)
-        # weights_only=False: the per-rank dict holds numpy RNG state and other objects; the file was written by
-        # this module and its sha256 checked against the manifest.
-        per_rank = torch.load(path / f"rank{self.rank:05d}.pt", weights_only=False)
+        per_rank = load_per_rank(path / f"rank{self.rank:05d}.pt")
         return Loaded(step=step, path=path, per_rank=per_rank, sharded=sharded)
 
     def _candidates(self) -> tuple[list[Path], bool]:

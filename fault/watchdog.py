@@ -1,20 +1,29 @@
-"""Detection: hangs and stragglers (a watchdog thread per rank), non-finite losses, and the launcher's stop signal.
+"""Detection: hangs (with the rank at fault), stragglers, non-finite losses, and the launcher's stop signal.
 
-Every rank writes a heartbeat file, ``<run_dir>/heartbeat/rank00001.json``, at each phase of each step: step,
-phase, wall time, and the median of its recent forward-pass times. A file (not the c10d store) so that it outlives
-whichever process hosts the store and can be read by a person during an incident; multi-node runs need the run
-directory on a shared file system, as their checkpoints do.
+Every rank's watchdog thread writes a heartbeat file, ``<run_dir>/heartbeat/rank00001.json``, on every poll: a
+liveness counter, and the rank's progress (step, phase, micro-batch, checkpoint I/O, where its main thread is) and
+per-process-group collective counts from torch's flight recorder (fault/progress.py). A file (not the c10d store)
+so that it outlives whichever process hosts the store and can be read by a person during an incident; multi-node
+runs need the run directory on a shared file system, as their checkpoints do.
 
-- **Hang**: the watchdog thread sees no progress of its own rank for ``hang_timeout_s`` (``startup_timeout_s``
-  until the first step completes: compilation and checkpoint loading are slow). A hung rank and the peers blocked
-  on it in a collective all stop progressing, so every rank's watchdog fires within about one timeout instead of
-  waiting out the process-group timeout (10 minutes by default). The blamed rank is the one furthest behind by
-  (step, phase), ties broken by the oldest heartbeat. The watchdog then ends the process with EXIT_HANG so the
-  launcher (torchrun's elastic agent) restarts the job: a Python exception cannot unblock a thread stuck in C++.
-- **Straggler**: rank 0's watchdog compares the ranks' median forward times: a rank slower than
-  ``straggler_factor`` times the median of the others is reported with its identity. The forward pass is timed
-  because it contains no collective in any engine (DDP's buffer broadcast is off), so it measures the rank's own
-  speed; a whole step is not a measure, since synchronous data parallelism makes every rank wait for the slowest.
+- **Hang**: no progress of this rank for ``hang_timeout_s`` (``startup_timeout_s`` until the first step completes;
+  ``checkpoint_timeout_s`` inside an opaque checkpoint I/O call such as an fsync). Progress is any update of the
+  rank's position or a collective entered or completed; a checkpoint save reports the bytes it writes and hashes, so
+  a slow save is progress and a stuck one is not. A hung rank and the peers blocked on it all stop progressing, so
+  every rank's watchdog fires within about one timeout instead of the process-group timeout. Who is to blame
+  (``blame``), in order: ranks whose liveness stopped (a frozen or vanished process); else the ranks the others
+  wait for in a collective they never entered (the ends of the waits-for chains, so a node leader blocked on its
+  node is not blamed for blocking the leaders' all-reduce); else the one furthest behind. The detection names the
+  collective the healthy ranks wait in (group, sequence number, op, bytes) and the blamed rank's host and where its
+  main thread is. The watchdog then ends the process with EXIT_HANG so the launcher (torchrun's elastic agent)
+  restarts the job: a Python exception cannot unblock a thread stuck in C++.
+- **Straggler**: each rank times its own forward compute (``ComputeTimer``: wall or CUDA-event time minus the time
+  spent in the engine's forward pre-hooks, where FSDP2 and ZeRO-3 wait for parameter all-gathers), and publishes the
+  median over windows of ``straggler_window`` steps. Rank 0 scores every complete window: a rank slower than
+  ``straggler_factor`` times the median of the others in ``straggler_windows`` consecutive windows is reported with
+  its identity and how much slower (a persistent slowdown, as NVIDIA's resiliency extension scores ranks; one
+  window of noise on a loaded host is not a straggler). A whole step is not a measure: synchronous data parallelism
+  makes every rank wait for the slowest.
 - **Non-finite loss**: ``check_losses`` looks at every rank's local loss (gathered by the engine) before the
   optimizer step, logs which ranks went NaN/Inf, and raises NonFiniteLoss, so the job restarts from the newest
   checkpoint instead of stepping poisoned gradients into the weights.
@@ -41,12 +50,14 @@ from pathlib import Path
 import torch
 
 from fault.events import EventLog
+from fault.progress import Progress, collectives, main_thread_where
 
 log = logging.getLogger(__name__)
 
 EXIT_HANG = 70  # exit status of a process whose watchdog detected a hang
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process stopped by SIGTERM
 PHASES = ("start", "forward_backward", "optimizer", "checkpoint", "done")  # order within one step
+CHECKPOINT_GROUP_DESC = "checkpoint"  # the description of fault.checkpoint's process group (flight recorder)
 
 
 class FaultDetected(RuntimeError):
@@ -62,89 +73,263 @@ class WatchdogConfig:
     enabled: bool = True
     hang_timeout_s: float = 120.0  # no progress for this long -> hang (keep it below the process-group timeout)
     startup_timeout_s: float = 900.0  # the same, until the first step completes (compile, calibration, load)
-    poll_s: float = 0.5  # how often the watchdog looks
-    straggler_factor: float = 1.5  # forward time > factor x the median of the other ranks -> straggler
-    straggler_window: int = 5  # steps in each rank's median forward time
+    # the same, inside an opaque checkpoint I/O call that reports no progress while it runs (an fsync, an engine's
+    # own checkpoint writer); writes and checksums report their bytes and are held to hang_timeout_s
+    checkpoint_timeout_s: float = 900.0
+    poll_s: float = 0.5  # how often the watchdog looks (and beats: the liveness signal)
+    liveness_s: float | None = None  # a heartbeat unchanged this long: frozen or gone (None: max(4 poll_s, 2 s))
+    straggler_factor: float = 1.5  # forward compute > factor x the median of the other ranks -> slow window
+    straggler_window: int = 5  # steps per window (a rank's median forward compute over them)
+    straggler_windows: int = 2  # consecutive slow windows before a rank is reported as a straggler
 
     def __post_init__(self) -> None:
-        for name in ("hang_timeout_s", "startup_timeout_s", "poll_s"):
+        for name in ("hang_timeout_s", "startup_timeout_s", "checkpoint_timeout_s", "poll_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"fault.watchdog.{name} must be > 0, got {getattr(self, name)}")
+        if self.liveness_s is not None and not 0 < self.liveness_s < self.hang_timeout_s:
+            raise ValueError(f"fault.watchdog.liveness_s must be > 0 and below hang_timeout_s "
+                             f"({self.hang_timeout_s}), got {self.liveness_s}")
+        if (self.liveness_s or max(4 * self.poll_s, 2.0)) >= self.hang_timeout_s:
+            raise ValueError(f"fault.watchdog.poll_s={self.poll_s} is too slow for hang_timeout_s="
+                             f"{self.hang_timeout_s}: liveness needs several polls within the timeout; lower "
+                             "poll_s or set liveness_s")
         if self.straggler_factor <= 1:
             raise ValueError(f"fault.watchdog.straggler_factor must be > 1, got {self.straggler_factor}")
-        if self.straggler_window < 1:
-            raise ValueError(f"fault.watchdog.straggler_window must be >= 1, got {self.straggler_window}")
+        if self.straggler_window < 1 or self.straggler_windows < 1:
+            raise ValueError(f"fault.watchdog.straggler_window ({self.straggler_window}) and straggler_windows "
+                             f"({self.straggler_windows}) must be >= 1")
 
 
-class ForwardTimer:
-    """Times forward passes; on CUDA with events (host time would only measure kernel launches)."""
+class ComputeTimer:
+    """Times this rank's forward compute: each forward's wall time (CUDA events on a GPU, where host time would only
+    measure kernel launches) minus the time spent in the engine's forward pre-hooks.
+
+    FSDP2, DeepSpeed ZeRO-3 and megatron-core's distributed optimizer gather parameters in forward pre-hooks; a
+    rank waiting there waits for its peers, and counting it would hide a slow rank (whose peers then wait) and blame
+    a healthy one. ``exclude_engine_hooks`` brackets every pre-hook the engine registered with two of ours (one
+    prepended, one appended), and that interval is subtracted. On a GPU the interval is measured on the stream, so
+    a stream wait on an all-gather's event is excluded too.
+    """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self._pending: list = []
+        self._active = False
+        self._spans: list = []  # (start, end) CUDA event pairs of forwards and of excluded waits, with a sign
         self._host_s = 0.0
+        self._wait_start = None
+        self.hooked_modules = 0
+
+    def exclude_engine_hooks(self, module: torch.nn.Module) -> None:
+        """Call once the engine is built and before anything else adds forward pre-hooks (chaos, meters)."""
+        for m in module.modules():
+            if m._forward_pre_hooks:
+                m.register_forward_pre_hook(self._wait_begins, prepend=True)
+                m.register_forward_pre_hook(self._wait_ends)
+                self.hooked_modules += 1
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _wait_begins(self, module, args) -> None:
+        if self._active:
+            self._wait_start = self._mark()
+
+    def _wait_ends(self, module, args) -> None:
+        if self._active and self._wait_start is not None:
+            self._add(self._wait_start, self._mark(), -1)
+            self._wait_start = None
+
+    def _add(self, start, end, sign: int) -> None:
+        if self.cuda:
+            self._spans.append((start, end, sign))
+        else:
+            self._host_s += sign * (end - start)
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        start = self._mark()
+        self._active = True
+        try:
             yield
-            end.record()
-            self._pending.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            yield
-            self._host_s += time.perf_counter() - t0
+        finally:
+            self._active = False
+            self._add(start, self._mark(), +1)
 
     def take(self) -> float:
-        """Seconds of forward in the step just finished (call after the step synchronised)."""
-        total = self._host_s + sum(s.elapsed_time(e) / 1e3 for s, e in self._pending)
-        self._pending, self._host_s = [], 0.0
-        return total
+        """Seconds of forward compute in the step just finished (call after the step synchronised)."""
+        total = self._host_s + sum(sign * s.elapsed_time(e) / 1e3 for s, e, sign in self._spans)
+        self._spans, self._host_s = [], 0.0
+        return max(total, 0.0)
+
+
+@dataclass
+class Verdict:
+    """Who is to blame for a hang, and why."""
+
+    blamed: list[int]  # empty: the evidence points at no rank
+    rule: str  # frozen | not_in_collective | behind | unknown
+    waiting_in: dict | None = None  # the collective the healthy ranks wait in: group, desc, seq, op, bytes
+    waiting_ranks: list[int] | None = None
+
+
+PHASE_ORDER = {p: i for i, p in enumerate(PHASES)}
+
+
+def blame(beats: dict[int, dict], *, frozen: set[int]) -> Verdict:
+    """The rank(s) at fault for a hang, from every rank's heartbeat and the ranks seen frozen (no liveness).
+
+    Ranks that left on purpose (``state`` exiting, finished, terminated) are not candidates: a watchdog that fired
+    first has stopped beating, and must not be mistaken for a frozen rank."""
+    live = {r: b for r, b in beats.items() if b.get("state", "running") == "running"}
+    # A rank that already detected the hang and left still shows where it stood: keep it in the collective analysis.
+    waits = _waits_for(beats)
+    waiting_in = next((w for w in waits.values() if w), None)
+    waiting_ranks = sorted(r for r, w in waits.items() if w)
+    info = {"waiting_in": waiting_in["collective"] if waiting_in else None, "waiting_ranks": waiting_ranks}
+    if stopped := sorted(r for r in live if r in frozen):
+        return Verdict(stopped, "frozen", **info)
+    # A waits-for graph: a rank pending in collective N of a group waits for the members that never entered N.
+    # The ranks at fault are the ones waited for that wait for no one themselves.
+    waited_for = {m for w in waits.values() if w for m in w["missing"]}
+    sinks = sorted(m for m in waited_for if not waits.get(m))
+    if sinks:
+        for w in waits.values():  # name the collective that waits on a culprit directly
+            if w and set(w["missing"]) & set(sinks):
+                info["waiting_in"] = w["collective"]
+                break
+        return Verdict(sinks, "not_in_collective", **info)
+    if not beats:
+        return Verdict([], "unknown", **info)
+
+    def position(r: int) -> tuple:
+        b = beats[r]
+        default = (b.get("collectives") or {}).get("0", {})
+        return b.get("step", 0), PHASE_ORDER.get(b.get("phase"), 0), b.get("micro", 0), default.get("enqueued", 0)
+
+    lowest = min(position(r) for r in beats)
+    behind = sorted(r for r in beats if position(r) == lowest)
+    if len(behind) == 1 and len(beats) > 1:
+        return Verdict(behind, "behind", **info)
+    return Verdict([], "unknown", **info)
+
+
+def _waits_for(live: dict[int, dict]) -> dict[int, dict | None]:
+    """For each rank: the oldest collective it waits in ({"collective", "missing"}), or None."""
+    out: dict[int, dict | None] = {r: None for r in live}
+    names = {n for b in live.values() for n in (b.get("collectives") or {})}
+    absent = {"enqueued": -1, "started": -1, "completed": -1}  # a member that has not used the group yet
+    for name in names:
+        members = {r: b["collectives"][name] for r, b in live.items() if name in (b.get("collectives") or {})}
+        for ranks in [g.get("ranks") for g in list(members.values())]:
+            for m in ranks or []:
+                if m in live and m not in members:
+                    members[m] = absent
+        for r, g in members.items():
+            if g["enqueued"] <= max(g["completed"], 0):
+                continue
+            seq = max(g["completed"], 0) + 1
+            # NCCL with timing records when a collective started on the device: a rank that enqueued it but never
+            # started it (its GPU is stuck before it) is missing too.
+            started = all(o["started"] >= 0 for o in members.values())
+            missing = sorted(m for m, o in members.items() if m != r and (o["started"] if started else o["enqueued"]) < seq)
+            if not missing:
+                continue
+            pending = g.get("pending") or {}
+            collective = {"group": name, "desc": g.get("desc", ""), "seq": seq, "op": pending.get("op", "?"),
+                          "bytes": pending.get("bytes")}
+            if out[r] is None or (out[r]["collective"]["group"] != "0" and name == "0"):
+                out[r] = {"collective": collective, "missing": missing}
+    return out
 
 
 class Watchdog:
-    def __init__(self, cfg: WatchdogConfig, *, run_dir: Path, rank: int, world_size: int, events: EventLog):
+    def __init__(self, cfg: WatchdogConfig, *, run_dir: Path, rank: int, world_size: int, events: EventLog,
+                 progress: Progress | None = None):
         self.cfg, self.rank, self.world_size, self.events = cfg, rank, world_size, events
+        self.progress = progress or Progress()
         self.dir = Path(run_dir) / "heartbeat"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.liveness_s = cfg.liveness_s or max(4 * cfg.poll_s, 2.0)
         self._last_progress = time.monotonic()
+        self._signature: tuple | None = None
         self._first_step_done = False
-        self._forward_s: deque[float] = deque(maxlen=cfg.straggler_window)
-        self._beat = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "step": 0, "phase": "start"}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="chuanliu-watchdog", daemon=True)
+        self._beats = 0
+        self._state = "running"
+        self._host, self._pid = socket.gethostname(), os.getpid()
+        self._window: list[float] = []  # this window's compute times
+        self._window_index: int | None = None
+        self._windows: deque[list] = deque(maxlen=8)  # [window index, median compute s]
+        self._steps_seen = 0
+        self._peers: dict[int, list] = {}  # rank -> [beat counter, monotonic time it last changed, first seen]
+        self._scored = -1
+        self._slow_streak: dict[int, list[float]] = {}
         self._stragglers: set[int] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._watch, name="chuanliu-watchdog", daemon=True)
 
     def start(self) -> Watchdog:
-        self.beat(0, "start")
+        self._write()
         if self.cfg.enabled:
             self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop watching; rank 0 compares the ranks' forward times one last time (a short run may end between
-        two polls)."""
+    def stop(self, state: str = "finished") -> None:
+        """Stop watching; rank 0 scores the ranks' windows one last time (a short run may end between polls)."""
         if self.rank == 0 and self.world_size > 1:
             self._check_stragglers()
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5 * self.cfg.poll_s)
+        self._state = state
+        self._write()
 
-    def beat(self, step: int, phase: str, forward_s: float | None = None) -> None:
-        """Record progress: the main thread calls this at each phase of each step."""
-        self._last_progress = time.monotonic()
-        if forward_s is not None:
-            self._forward_s.append(forward_s)
+    def beat(self, step: int, phase: str, compute_s: float | None = None) -> None:
+        """Record progress: the main thread calls this at each phase of each step (no I/O)."""
+        self.progress.set(step, phase)
+        if compute_s is not None:
+            self._add_compute(step, compute_s)
         if phase == "done":
             self._first_step_done = True
-        self._beat.update(step=step, phase=phase, time=time.time(),
-                          forward_s=statistics.median(self._forward_s) if self._forward_s else None)
+        if not self._thread.is_alive():
+            self._write()
+
+    def _add_compute(self, step: int, compute_s: float) -> None:
+        """Windows are aligned on step numbers, so every rank's window w covers the same steps; the first step of
+        each process (allocation, lazy initialisation) and a window cut by a restart are left out."""
+        self._steps_seen += 1
+        w = (step - 1) // self.cfg.straggler_window
+        if w != self._window_index:
+            self._window, self._window_index = [], w
+        if self._steps_seen == 1:
+            self._window_index = None  # this window is incomplete for this process: skip it
+            return
+        self._window.append(compute_s)
+        if len(self._window) == self.cfg.straggler_window:
+            with self._lock:
+                self._windows.append([w, statistics.median(self._window)])
+            self._window, self._window_index = [], None
+
+    # ---- heartbeats ---------------------------------------------------------------------------------------------
+    def _write(self, collectives_now: dict | None = None) -> None:
+        self._beats += 1
+        with self._lock:
+            windows = list(self._windows)
+        beat = {"rank": self.rank, "host": self._host, "pid": self._pid, "state": self._state, "beat": self._beats,
+                "time": time.time(), **self.progress.snapshot(), "where": main_thread_where(),
+                "idle_s": round(time.monotonic() - self._last_progress, 3),
+                "collectives": collectives() if collectives_now is None else collectives_now, "windows": windows}
         path = self.dir / f"rank{self.rank:05d}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._beat))
-        os.replace(tmp, path)  # readers never see a half-written heartbeat
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_text(json.dumps(beat))
+            os.replace(tmp, path)  # readers never see a half-written heartbeat
+        except OSError as e:  # a full or vanished disk must not kill the watchdog; the next poll tries again
+            log.warning("cannot write heartbeat %s: %s", path, e)
 
     def heartbeats(self) -> dict[int, dict]:
         beats = {}
@@ -157,51 +342,148 @@ class Watchdog:
         return beats
 
     def dead_ranks(self) -> list[int]:
-        """Ranks on this host whose process is gone (or a zombie): who crashed, as seen from a survivor."""
-        host = socket.gethostname()
-        return sorted(r for r, b in self.heartbeats().items()
-                      if b.get("host") == host and r != self.rank and not _alive(b["pid"]))
+        """Ranks on this host whose process is gone (or a zombie) without leaving on purpose (a watchdog's exit, the
+        launcher's stop): who crashed, as seen from a survivor."""
+        return sorted(r for r, b in self.heartbeats().items() if b.get("host") == self._host and r != self.rank
+                      and b.get("state", "running") == "running" and not _alive(b["pid"]))
+
+    def unresponsive_ranks(self) -> list[int]:
+        """Ranks whose process is gone on this host, or whose heartbeat did not change for ``liveness_s`` (any
+        host): called after a collective failed, to find the peer that broke it."""
+        dead = set(self.dead_ranks())
+        first = {r: b.get("beat") for r, b in self.heartbeats().items() if b.get("state", "running") == "running"}
+        time.sleep(self.liveness_s)
+        again = self.heartbeats()
+        stale = {r for r, n in first.items() if r != self.rank and again.get(r, {}).get("beat") == n
+                 and again.get(r, {}).get("state", "running") == "running"}
+        return sorted(dead | stale)
+
+    # ---- the thread ---------------------------------------------------------------------------------------------
+    def _limit(self) -> tuple[float, str]:
+        if not self._first_step_done:
+            return self.cfg.startup_timeout_s, "startup_timeout_s"
+        if self.progress.io_wait:
+            return self.cfg.checkpoint_timeout_s, "checkpoint_timeout_s"
+        return self.cfg.hang_timeout_s, "hang_timeout_s"
 
     def _watch(self) -> None:
         while not self._stop.wait(self.cfg.poll_s):
-            limit = self.cfg.hang_timeout_s if self._first_step_done else self.cfg.startup_timeout_s
-            idle = time.monotonic() - self._last_progress
-            if idle > limit:
-                self._hang(idle, limit)
-            if self.rank == 0 and self.world_size > 1:
-                self._check_stragglers()
+            self._poll()
 
-    def _hang(self, idle: float, limit: float) -> None:
+    def _poll(self) -> None:
+        now_collectives = collectives()
+        signature = (self.progress.changes,
+                     tuple(sorted((n, g["enqueued"], g["completed"]) for n, g in now_collectives.items())))
+        now = time.monotonic()
+        if signature != self._signature:
+            self._signature, self._last_progress = signature, now
+        self._write(now_collectives)
+        idle = now - self._last_progress
+        limit, name = self._limit()
+        if idle > limit / 2 and self.world_size > 1:
+            self._observe_peers(now)  # liveness history for the blame, gathered only while a hang is possible
+        elif self._peers:
+            self._peers.clear()
+        if idle > limit and self._observed_for(now) >= min(self.liveness_s, limit / 2):
+            self._hang(idle, limit, name)
+        if self.rank == 0 and self.world_size > 1:
+            self._check_stragglers()
+
+    def _observe_peers(self, now: float) -> None:
+        for r, b in self.heartbeats().items():
+            seen = self._peers.get(r)
+            if seen is None:
+                self._peers[r] = [b.get("beat"), now, now]
+            elif seen[0] != b.get("beat"):
+                seen[0], seen[1] = b.get("beat"), now
+
+    def _observed_for(self, now: float) -> float:
+        if self.world_size == 1:
+            return float("inf")
+        return now - min((p[2] for p in self._peers.values()), default=now)
+
+    def _hang(self, idle: float, limit: float, limit_name: str) -> None:
+        now = time.monotonic()
         beats = self.heartbeats()
-        blamed = lagging_rank(beats)
-        where = beats.get(blamed, {}) if blamed is not None else {}
-        detail = (f"no progress on rank {self.rank} for {idle:.1f} s (limit {limit:.0f} s); furthest behind: rank "
-                  f"{blamed} at step {where.get('step')} phase {where.get('phase')} on {where.get('host')} "
-                  f"(pid {where.get('pid')})")
-        self.events.emit("detected", durable=True, cause="hang", blamed_rank=blamed, step=self._beat["step"],
-                         detail=detail)
-        log.error("hang detected: %s; exiting with status %d so the launcher restarts the job", detail, EXIT_HANG)
+        frozen = {r for r, p in self._peers.items() if r != self.rank and now - p[1] >= self.liveness_s}
+        verdict = blame(beats, frozen=frozen)
+        first = verdict.blamed[0] if verdict.blamed else None
+        culprit = beats.get(first, {})
+        # What the healthy ranks wait in says what is stuck; a frozen rank's own phase may be a poll out of date.
+        if verdict.waiting_in:
+            in_checkpoint = verdict.waiting_in.get("desc") == CHECKPOINT_GROUP_DESC
+        else:
+            in_checkpoint = culprit.get("phase") == "checkpoint" or bool(culprit.get("io_wait"))
+        cause = "checkpoint_hang" if in_checkpoint else "hang"
+        detail = describe(verdict, beats, frozen, me=self.rank, idle=idle, limit=limit, limit_name=limit_name)
+        self.events.emit("detected", durable=True, cause=cause, blamed_rank=first, blamed_ranks=verdict.blamed,
+                         blamed_host=culprit.get("host"), rule=verdict.rule, waiting_in=verdict.waiting_in,
+                         step=self.progress.step, detail=detail)
+        log.error("%s detected: %s; exiting with status %d so the launcher restarts the job",
+                  cause.replace("_", " "), detail, EXIT_HANG)
+        self._state = "exiting"
+        self._write()  # peers must not read this rank's silence as a frozen process
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(EXIT_HANG)  # the main thread may be stuck in C++ (a collective): only exiting frees the job
 
+    # ---- stragglers ---------------------------------------------------------------------------------------------
     def _check_stragglers(self) -> None:
-        beats = {r: b for r, b in self.heartbeats().items() if b.get("forward_s")}
+        beats = {r: b for r, b in self.heartbeats().items() if b.get("windows")}
         if len(beats) < 2:
             return
-        for rank, b in beats.items():
-            others = [o["forward_s"] for r, o in beats.items() if r != rank]
-            ratio = b["forward_s"] / statistics.median(others)
-            if ratio > self.cfg.straggler_factor and rank not in self._stragglers:
+        per_rank = {r: dict(b["windows"]) for r, b in beats.items()}
+        complete = sorted(set.intersection(*(set(v) for v in per_rank.values())))
+        for w in (w for w in complete if w > self._scored):
+            self._score_window(w, {r: v[w] for r, v in per_rank.items()}, beats)
+            self._scored = w
+
+    def _score_window(self, w: int, times: dict[int, float], beats: dict[int, dict]) -> None:
+        for rank, t in times.items():
+            others = statistics.median(v for r, v in times.items() if r != rank)
+            ratio = t / others if others > 0 else 1.0
+            streak = self._slow_streak.setdefault(rank, [])
+            if ratio > self.cfg.straggler_factor:
+                streak.append(ratio)
+            else:
+                streak.clear()
+            b = beats[rank]
+            if len(streak) >= self.cfg.straggler_windows and rank not in self._stragglers:
                 self._stragglers.add(rank)
-                detail = (f"rank {rank} on {b.get('host')} (pid {b.get('pid')}): median forward "
-                          f"{b['forward_s'] * 1e3:.1f} ms, {ratio:.2f}x the other ranks' median")
-                self.events.emit("detected", cause="straggler", blamed_rank=rank, step=b.get("step"), ratio=ratio,
-                                 detail=detail)
+                mean = statistics.fmean(streak)
+                detail = (f"rank {rank} on {b.get('host')} (pid {b.get('pid')}): forward compute {mean:.2f}x the "
+                          f"other ranks' median over {len(streak)} consecutive windows of "
+                          f"{self.cfg.straggler_window} steps (last window: {t * 1e3:.1f} ms vs {others * 1e3:.1f} ms)")
+                self.events.emit("detected", cause="straggler", blamed_rank=rank, blamed_host=b.get("host"),
+                                 step=b.get("step"), ratio=mean, window=w, windows=len(streak), detail=detail)
                 log.warning("straggler: %s", detail)
-            elif ratio <= self.cfg.straggler_factor and rank in self._stragglers:
+            elif not streak and rank in self._stragglers:
                 self._stragglers.discard(rank)
-                self.events.emit("straggler_recovered", rank=rank, step=b.get("step"), ratio=ratio)
+                self.events.emit("straggler_recovered", rank=rank, step=b.get("step"), ratio=ratio, window=w)
+
+
+def describe(verdict: Verdict, beats: dict[int, dict], frozen: set[int], *, me: int, idle: float, limit: float,
+             limit_name: str) -> str:
+    parts = [f"no progress on rank {me} for {idle:.1f} s ({limit_name}={limit:g})"]
+    w = verdict.waiting_in
+    if w:
+        n = w.get("bytes")
+        size = "" if not n else f", {n / 1e6:.2f} MB" if n >= 1e5 else f", {n} B"
+        parts.append(f"rank(s) {verdict.waiting_ranks} wait in {w['desc'] or 'group ' + w['group']} collective "
+                     f"#{w['seq']} ({w['op']}{size})")
+    why = {"frozen": "shows no sign of life (frozen or gone)",
+           "not_in_collective": "never entered that collective",
+           "behind": "is furthest behind", "unknown": ""}[verdict.rule]
+    for r in verdict.blamed:
+        b = beats.get(r, {})
+        parts.append(f"blamed rank {r} on {b.get('host')} (pid {b.get('pid')}) {why}: step {b.get('step')} "
+                     f"{b.get('phase')} micro-batch {b.get('micro')}"
+                     + (f", checkpoint I/O: {b.get('io_what')}" if b.get("io_what") else "")
+                     + f", at {b.get('where')}")
+    if not verdict.blamed:
+        parts.append("no rank is behind or missing from a collective: every rank entered it, so suspect the "
+                     "interconnect or a device stuck inside the collective")
+    return "; ".join(parts)
 
 
 def _alive(pid: int) -> bool:
@@ -216,15 +498,6 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
-
-
-def lagging_rank(beats: dict[int, dict]) -> int | None:
-    """The rank furthest behind: lowest step, then earliest phase, then oldest heartbeat."""
-    if not beats:
-        return None
-    order = {p: i for i, p in enumerate(PHASES)}
-    return min(beats, key=lambda r: (beats[r]["step"], order.get(beats[r]["phase"], 0), beats[r].get("time", 0)))
-
 
 def check_losses(step: int, rank_losses: list[float], events: EventLog, *, rank: int) -> None:
     """Raise NonFiniteLoss (after logging which ranks) when any rank's local loss is NaN or Inf."""
@@ -247,6 +520,8 @@ def install_stop_handler(events: EventLog, step_fn, watchdog: Watchdog) -> None:
                     dead_ranks=dead, step=step_fn(),
                     detail=f"stopped by the launcher (SIGTERM): another worker failed or the job was cancelled; "
                     f"ranks whose process is gone on this host: {dead or 'none'}")
+        watchdog._state = "terminated"
+        watchdog._write()  # a peer's watchdog must not read this rank's silence as a frozen process
         os._exit(EXIT_TERMINATED)
 
     if threading.current_thread() is threading.main_thread():

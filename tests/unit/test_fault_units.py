@@ -12,7 +12,7 @@ from experiments.drill import merge_overrides, split_args
 from fault.chaos import Chaos, ChaosConfig, FaultSpec, corrupt_newest
 from fault.drill import compare_losses, drill_report, final_losses
 from fault.events import EventLog, read_events
-from fault.watchdog import NonFiniteLoss, Watchdog, WatchdogConfig, check_losses, lagging_rank
+from fault.watchdog import NonFiniteLoss, Watchdog, WatchdogConfig, blame, check_losses
 
 
 def test_schedule_is_seeded_and_resolves_ranks():
@@ -92,14 +92,57 @@ def test_corrupt_newest_flips_bytes_of_the_newest_committed(tmp_path):
     assert corrupt_newest(tmp_path / "missing") is None
 
 
-def test_lagging_rank_is_furthest_behind():
-    beats = {0: {"step": 7, "phase": "forward_backward", "time": 10.0},
-             1: {"step": 7, "phase": "start", "time": 9.0},  # never got past the start of step 7
-             2: {"step": 7, "phase": "forward_backward", "time": 10.1}}
-    assert lagging_rank(beats) == 1
-    beats[3] = {"step": 6, "phase": "done", "time": 8.0}
-    assert lagging_rank(beats) == 3
-    assert lagging_rank({}) is None
+def _beat(step=8, phase="forward_backward", micro=1, state="running", **groups):
+    """A heartbeat; groups: name=(enqueued, completed) collective counts."""
+    return {"step": step, "phase": phase, "micro": micro, "state": state, "host": "h", "pid": 1, "time": 0.0,
+            "collectives": {name: {"desc": "default_pg" if name == "g0" else name, "enqueued": e, "completed": c,
+                                   "started": -1, "pending": {"op": "gloo:all_reduce", "bytes": 4 << 20}
+                                   if e > c else None}
+                            for name, (e, c) in groups.items()}}
+
+
+def test_blame_a_rank_that_never_entered_the_collective_not_the_first_to_start_the_step():
+    # The case the old (step, phase, heartbeat time) rule got wrong: every rank is at step 8 forward_backward;
+    # ranks 0, 1, 3 wait in collective 57, rank 2 never entered it (it hung inside its forward).
+    beats = {r: _beat(g0=(57, 56)) for r in (0, 1, 3)}
+    beats[2] = _beat(g0=(56, 56))
+    v = blame(beats, frozen=set())
+    assert v.blamed == [2] and v.rule == "not_in_collective"
+    assert v.waiting_in["seq"] == 57 and v.waiting_in["op"] == "gloo:all_reduce" and v.waiting_ranks == [0, 1, 3]
+    # DDP issues several buckets asynchronously: healthy ranks may be further ahead than one collective
+    beats[0] = _beat(g0=(59, 56))
+    assert blame(beats, frozen=set()).blamed == [2]
+
+
+def test_blame_a_frozen_rank_first_but_never_one_that_left_on_purpose():
+    beats = {r: _beat(g0=(57, 56)) for r in range(4)}  # all entered: the counters alone cannot tell
+    assert blame(beats, frozen=set()).blamed == [] and blame(beats, frozen=set()).rule == "unknown"
+    v = blame(beats, frozen={1})
+    assert v.blamed == [1] and v.rule == "frozen"
+    beats[3]["state"] = "exiting"  # a watchdog that fired first stops beating: not a frozen process
+    assert blame(beats, frozen={1, 3}).blamed == [1]
+
+
+def test_blame_follows_the_waits_for_chain_to_its_end():
+    # Hierarchical all-reduce on 2 nodes {0,1} {2,3}: rank 1 hangs; rank 0 waits for it in the intra-node group
+    # and so never enters the leaders' all-reduce, where rank 2 waits for rank 0. Rank 0 is not to blame.
+    beats = {0: _beat(g0=(10, 10), intra0=(5, 4), leaders=(2, 2)), 1: _beat(g0=(10, 10), intra0=(4, 4)),
+             2: _beat(g0=(10, 10), intra1=(5, 5), leaders=(3, 2)), 3: _beat(g0=(10, 10), intra1=(5, 5))}
+    v = blame(beats, frozen=set())
+    assert v.blamed == [1] and v.waiting_in["group"] == "intra0"
+
+
+def test_blame_the_rank_furthest_behind_when_no_collective_is_pending():
+    beats = {r: _beat(step=9, phase="optimizer", g0=(60, 60)) for r in range(3)}
+    beats[1] = _beat(step=9, phase="forward_backward", g0=(60, 60))
+    assert blame(beats, frozen=set()).blamed == [1] and blame(beats, frozen=set()).rule == "behind"
+
+
+def test_a_stuck_checkpoint_group_blames_the_rank_stuck_in_io():
+    beats = {r: _beat(step=10, phase="checkpoint", g0=(80, 80), checkpoint=(31, 30)) for r in (0, 2)}
+    beats[1] = _beat(step=10, phase="checkpoint", g0=(80, 80), checkpoint=(30, 30))
+    v = blame(beats, frozen=set())
+    assert v.blamed == [1] and v.waiting_in["desc"] == "checkpoint"
 
 
 def test_check_losses_names_the_rank(tmp_path):
@@ -111,18 +154,32 @@ def test_check_losses_names_the_rank(tmp_path):
     assert e["cause"] == "nan_loss" and e["blamed_rank"] == 1 and e["step"] == 5
 
 
-def test_watchdog_finds_a_straggler(tmp_path):
-    events = EventLog(tmp_path, rank=0)
-    cfg = WatchdogConfig(straggler_factor=1.5, straggler_window=3)
+def _straggler_run(tmp_path, times_of_rank, steps):
+    cfg = WatchdogConfig(straggler_factor=1.5, straggler_window=3, straggler_windows=2)
     dogs = [Watchdog(cfg, run_dir=tmp_path, rank=r, world_size=3, events=EventLog(tmp_path, r)) for r in range(3)]
-    for step in range(1, 4):
+    found_at = None
+    for step in range(1, steps + 1):
         for r, dog in enumerate(dogs):
-            dog.beat(step, "done", forward_s=0.30 if r == 2 else 0.10)
-    dogs[0]._check_stragglers()
-    dogs[0]._check_stragglers()  # reported once
-    found = [e for e in read_events(tmp_path) if e["kind"] == "detected"]
-    assert len(found) == 1 and found[0]["blamed_rank"] == 2 and found[0]["ratio"] == pytest.approx(3.0)
-    assert events.path.exists()
+            dog.beat(step, "done", compute_s=times_of_rank(r, step))
+        dogs[0]._check_stragglers()
+        if found_at is None and any(e["kind"] == "detected" for e in read_events(tmp_path)):
+            found_at = step
+    return found_at, [e for e in read_events(tmp_path) if e["kind"] == "detected"]
+
+
+def test_a_persistent_slowdown_is_a_straggler_within_three_windows(tmp_path):
+    # Rank 2 runs 2x slower from step 5 (mid-window 1); windows are steps 1-3 (first step skipped), 4-6, 7-9, ...
+    found_at, found = _straggler_run(tmp_path, lambda r, s: 0.2 if r == 2 and s >= 5 else 0.1, steps=15)
+    assert len(found) == 1 and found[0]["blamed_rank"] == 2 and found[0]["cause"] == "straggler"
+    assert found[0]["ratio"] == pytest.approx(2.0) and "2.00x" in found[0]["detail"]
+    assert found_at <= 4 + 3 * 3  # within three windows of the onset
+
+
+def test_one_noisy_window_is_not_a_straggler(tmp_path):
+    # A loaded host: rank 1 gets 2.5x slower for one window, rank 0 for another; neither persists.
+    noisy = {(1, 5), (1, 6), (0, 10), (0, 11), (0, 12)}
+    found_at, found = _straggler_run(tmp_path, lambda r, s: 0.25 if (r, s) in noisy else 0.1, steps=18)
+    assert found == [] and found_at is None
 
 
 def test_watchdog_config_validation():
