@@ -7,8 +7,12 @@ re-raised as one sentence that names the config key, so ``model.n_layers=abc`` f
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+from pathlib import Path
 from typing import Any, TypeVar
 
+from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -48,3 +52,30 @@ def typed(node: DictConfig, key: str, cls: type[T] | None = None) -> T:
 
 def plain(node: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True)
+
+
+class RunDirCheck(Callback):
+    """Hydra callback: a run (or sweep) directory that cannot be written is one line naming it and the fix, before
+    Hydra's own mkdir would end in a traceback (conf/config.yaml registers it)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(OmegaConf.select(config, "hydra.run.dir"), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(OmegaConf.select(config, "hydra.sweep.dir"), "hydra.sweep.dir")
+
+
+def _check_writable(path: str | None, key: str) -> None:
+    if path is None:
+        return
+    target = Path(path).expanduser().absolute()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        sys.stderr.write(f"chuanliu: error: cannot write the run directory {target} ({e.strerror or e}); set "
+                         f"{key}=<a writable directory>, or start from a directory you can write to (the default "
+                         f"is relative to the current one)\n")
+        raise SystemExit(2) from None

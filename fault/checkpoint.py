@@ -345,7 +345,7 @@ class _MetadataUnpickler(pickle.Unpickler):
                 return getattr(importlib.import_module(module), name)
             if allowed is not None and name in allowed:
                 return getattr(importlib.import_module(module), name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
+        raise pickle.UnpicklingError(f"{module}.{name}")
 
 
 class SafeReader(dcp.FileSystemReader):
@@ -358,10 +358,10 @@ class SafeReader(dcp.FileSystemReader):
             with open(path, "rb") as f:
                 metadata = _MetadataUnpickler(f).load()
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"refusing to load {path}: it references {e}; a DCP checkpoint's metadata holds "
-                                  "only DCP's own types, so this file was not written by torch.distributed."
-                                  "checkpoint (or was tampered with): load checkpoints only from people you "
-                                  "trust") from None
+            raise CheckpointError(f"refusing to load {path}: it references {e}, which is not one of DCP's metadata "
+                                  "types, and unpickling it could run code; torch.distributed.checkpoint never "
+                                  "writes that, so the file was tampered with or comes from elsewhere: resume only "
+                                  "checkpoints from people you trust") from None
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -630,6 +630,7 @@ class CheckpointManager:
         if callable(sharded):
             sharded = sharded()
         path, step = Path(chosen[0]), chosen[1]
+        SafeReader(path).read_metadata()  # refuse a tampered .metadata here, with our message, not inside DCP
         dcp.load(sharded, storage_reader=SafeReader(path), process_group=self._group,
                  no_dist=not self._distributed)
         if native is not None:

@@ -100,9 +100,24 @@ class WatchdogConfig:
                              f"({self.straggler_windows}) must be >= 1")
 
 
+def _run_queue_s() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat; 0 elsewhere)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class ComputeTimer:
     """Times this rank's forward compute: each forward's wall time (CUDA events on a GPU, where host time would only
     measure kernel launches) minus the time spent in the engine's forward pre-hooks.
+
+    On a CPU device the time the thread sat in the run queue, waiting for a core held by another process, is left
+    out as well: with more ranks than cores (4 ranks on a 2-core host) the scheduler's placement made healthy ranks
+    1.5-2.3x slower than the others for whole windows (measured), which is host contention, not the rank's own
+    speed. A rank slowed for real (a throttled or stopped process, a slow device, a sleep injected by chaos) is not
+    in the run queue during that time, so it is still counted.
 
     FSDP2, DeepSpeed ZeRO-3 and megatron-core's distributed optimizer gather parameters in forward pre-hooks; a
     rank waiting there waits for its peers, and counting it would hide a slow rank (whose peers then wait) and blame
@@ -132,7 +147,7 @@ class ComputeTimer:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return time.perf_counter() - _run_queue_s()
 
     def _wait_begins(self, module, args) -> None:
         if self._active:
@@ -262,11 +277,13 @@ class Watchdog:
         self._host, self._pid = socket.gethostname(), os.getpid()
         self._window: list[float] = []  # this window's compute times
         self._window_index: int | None = None
-        self._windows: deque[list] = deque(maxlen=8)  # [window index, median compute s]
+        self._windows: deque[list] = deque(maxlen=8)  # [window index, median compute s, min compute s]
         self._steps_seen = 0
         self._peers: dict[int, list] = {}  # rank -> [beat counter, monotonic time it last changed, first seen]
         self._scored = -1
         self._slow_streak: dict[int, list[float]] = {}
+        self._noise: list[float] = []  # |log ratio| of every rank in every scored window
+        self._ratio_history: dict[int, list[float]] = {}  # each rank's ratios in its healthy windows
         self._stragglers: set[int] = set()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -311,7 +328,7 @@ class Watchdog:
         self._window.append(compute_s)
         if len(self._window) == self.cfg.straggler_window:
             with self._lock:
-                self._windows.append([w, statistics.median(self._window)])
+                self._windows.append([w, statistics.median(self._window), min(self._window)])
             self._window, self._window_index = [], None
 
     # ---- heartbeats ---------------------------------------------------------------------------------------------
@@ -432,30 +449,49 @@ class Watchdog:
         beats = {r: b for r, b in self.heartbeats().items() if b.get("windows")}
         if len(beats) < 2:
             return
-        per_rank = {r: dict(b["windows"]) for r, b in beats.items()}
+        per_rank = {r: {w[0]: w[1] for w in b["windows"]} for r, b in beats.items()}
         complete = sorted(set.intersection(*(set(v) for v in per_rank.values())))
         for w in (w for w in complete if w > self._scored):
             self._score_window(w, {r: v[w] for r, v in per_rank.items()}, beats)
             self._scored = w
 
     def _score_window(self, w: int, times: dict[int, float], beats: dict[int, dict]) -> None:
+        """A window is slow for a rank when its compute is ``straggler_factor`` times the other ranks' median, or
+        when its ratio to the others grew by that factor over its own earlier windows and it is now clearly the
+        slower (a rank that was a little faster or slower than the rest all along keeps its ratio; a rank that
+        became slower does not, whatever its starting point). Both ratios compare ranks within one window, so a slowdown of the whole job is not a
+        straggler. The first criterion must also beat the run's own noise: 3x the median |log| deviation of all
+        ranks' windows so far, which on a quiet GPU cluster is a few percent and leaves the factor in charge."""
+        ratios = {}
         for rank, t in times.items():
             others = statistics.median(v for r, v in times.items() if r != rank)
-            ratio = t / others if others > 0 else 1.0
+            ratios[rank] = t / others if others > 0 and t > 0 else 1.0
+        middle = statistics.median(times.values())  # against all ranks: one straggler does not inflate the noise
+        self._noise.extend(abs(math.log(t / middle)) for t in times.values() if t > 0 and middle > 0)
+        threshold = max(self.cfg.straggler_factor, math.exp(3 * statistics.median(self._noise)))
+        for rank, ratio in ratios.items():
+            history = self._ratio_history.setdefault(rank, [])
+            drift = ratio / statistics.median(history) if len(history) >= 2 else 1.0
             streak = self._slow_streak.setdefault(rank, [])
-            if ratio > self.cfg.straggler_factor:
+            became_slow = drift > self.cfg.straggler_factor and ratio > (1 + self.cfg.straggler_factor) / 2
+            if ratio > threshold or became_slow:
                 streak.append(ratio)
             else:
                 streak.clear()
+                history.append(ratio)  # only healthy windows form the rank's baseline
             b = beats[rank]
             if len(streak) >= self.cfg.straggler_windows and rank not in self._stragglers:
                 self._stragglers.add(rank)
                 mean = statistics.fmean(streak)
+                t = times[rank]
+                baseline = f", {drift:.2f}x its own earlier ratio" if len(history) >= 2 else ""
                 detail = (f"rank {rank} on {b.get('host')} (pid {b.get('pid')}): forward compute {mean:.2f}x the "
-                          f"other ranks' median over {len(streak)} consecutive windows of "
-                          f"{self.cfg.straggler_window} steps (last window: {t * 1e3:.1f} ms vs {others * 1e3:.1f} ms)")
+                          f"other ranks' median{baseline} over {len(streak)} consecutive windows of "
+                          f"{self.cfg.straggler_window} steps (last window: {t * 1e3:.1f} ms vs "
+                          f"{t / ratio * 1e3:.1f} ms)")
                 self.events.emit("detected", cause="straggler", blamed_rank=rank, blamed_host=b.get("host"),
-                                 step=b.get("step"), ratio=mean, window=w, windows=len(streak), detail=detail)
+                                 step=b.get("step"), ratio=mean, drift=drift, window=w, windows=len(streak),
+                                 threshold=threshold, detail=detail)
                 log.warning("straggler: %s", detail)
             elif not streak and rank in self._stragglers:
                 self._stragglers.discard(rank)

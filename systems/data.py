@@ -331,6 +331,23 @@ class PackedLoader:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def check_enough_text(files: list[Path], tokenizer: Tokenizer, *, seq_len: int, rank: int, world_size: int) -> None:
+    """Refuse a rank's share of the data that holds less than one training sample (seq_len + 1 tokens): the
+    loader would loop over the same few tokens for every row of every batch. Tokens are counted only when the
+    bytes could be too few (a BPE piece covers at least one byte), so a real corpus costs nothing here."""
+    need = seq_len + 1
+    nbytes = sum(f.stat().st_size for f in files)
+    if nbytes >= 4 * need:
+        return
+    tokens = sum(len(tokenizer.encode(doc)) + 1 for f in files for doc in iter_documents(f))
+    if tokens < need:
+        share = f"rank {rank}'s share ({len(files)} of the files)" if world_size > 1 else "the data"
+        raise ValueError(f"{share} holds {nbytes} bytes = {tokens} tokens, less than one training sample of "
+                         f"train.seq_len + 1 = {need} tokens; training would repeat the same tokens in every row. "
+                         f"Give at least {need} tokens (about {need * 4} bytes) of text per rank in data.data_dir, "
+                         "or lower train.seq_len" + (", or use fewer ranks" if world_size > 1 else ""))
+
+
 def build_data(cfg: DataConfig, *, seq_len: int, micro_batch_size: int, rank: int,
                world_size: int) -> tuple[Tokenizer, PackedLoader]:
     """Resolve and check the data files, give this rank its share, and get the (shared) tokenizer."""
@@ -347,6 +364,13 @@ def build_data(cfg: DataConfig, *, seq_len: int, micro_batch_size: int, rank: in
         tokenizer = load_tokenizer(cfg.tokenizer_path)
     else:
         tokenizer = train_tokenizer(files, vocab_size=cfg.vocab_size, cache_dir=cache_dir)
+    if not cfg.tokenizer_path and tokenizer.vocab_size < cfg.vocab_size:
+        log.warning("data.vocab_size=%d was requested but %s (%d bytes) supports only %d pieces: the tokenizer has "
+                    "%d, and %d rows of the model's embedding will never be used; give more text or lower "
+                    "data.vocab_size (and model.vocab_size) to %d", cfg.vocab_size, data_dir,
+                    sum(f.stat().st_size for f in files), tokenizer.vocab_size, tokenizer.vocab_size,
+                    cfg.vocab_size - tokenizer.vocab_size, tokenizer.vocab_size)
+    check_enough_text(mine, tokenizer, seq_len=seq_len, rank=rank, world_size=world_size)
     loader = PackedLoader(mine, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size)
     log.info("rank %d/%d: %d of %d files (%d bytes) from %s; tokenizer %s, vocab_size %d", rank, world_size,
              len(mine), len(files), sum(f.stat().st_size for f in mine), data_dir, tokenizer.model_path,

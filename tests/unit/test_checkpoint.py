@@ -5,6 +5,7 @@ import json
 import os
 import random
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,138 @@ def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CheckpointConfig(**kwargs)
     assert CheckpointConfig(mode="async").enabled and not CheckpointConfig().enabled
+
+
+# ---- checkpoints that cannot run code ------------------------------------------------------------------------
+
+
+class _RunsCode:
+    """What an attacker would put in a shared checkpoint: unpickling it runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _reseal(ckpt: Path) -> None:
+    """Rewrite the manifest to match the files, as whoever tampers with a checkpoint can."""
+    from fault.checkpoint import MANIFEST, file_sha256
+
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    for name in manifest["files"]:
+        manifest["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": file_sha256(ckpt / name)}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_rank_file_that_would_run_code_is_refused_even_with_a_matching_manifest(tmp_path):
+    save_steps(tmp_path, [1])
+    ckpt = newest_committed(tmp_path / "checkpoints")[0]
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "payload": _RunsCode(marker)}, ckpt / "rank00000.pt")
+    _reseal(ckpt)
+    with pytest.raises(CheckpointError, match="refusing to load .*rank00000.pt.*could run code"):
+        load_fresh(tmp_path)
+    assert not marker.exists()
+
+
+def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    save_steps(tmp_path, [1])
+    ckpt = newest_committed(tmp_path / "checkpoints")[0]
+    marker = tmp_path / "pwned"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    _reseal(ckpt)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*\.metadata: it references posix.system"):
+        load_fresh(tmp_path)
+    assert not marker.exists()
+
+
+def test_per_rank_state_that_cannot_load_safely_is_refused_at_save(tmp_path):
+    model, opt, _ = build()
+    mgr = manager(tmp_path)
+    with pytest.raises(CheckpointError, match="rank 0 .*WeightsUnpickler|rank 0 .*Unsupported|rank 0 .*weights_only"):
+        mgr.save(1, sharded=state(model, opt), per_rank={"obj": _RunsCode(tmp_path / "x")})
+    assert newest_committed(mgr.dir) == []
+
+
+def test_rng_state_is_tensors_and_plain_types():
+    import io
+
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    buf.seek(0)
+    restored = torch.load(buf, weights_only=True)
+    np.random.seed(3)
+    expected = np.random.rand(4)
+    np.random.seed(5)
+    set_rng_state(restored)  # back to the state captured above, whatever it was
+    np.random.seed(3)
+    assert np.array_equal(np.random.rand(4), expected)
+
+
+# ---- checksums, progress and slow I/O -----------------------------------------------------------------------
+
+
+def test_checksums_computed_while_writing_match_the_files(tmp_path):
+    from fault.checkpoint import MANIFEST, file_sha256
+
+    save_steps(tmp_path, [1])
+    ckpt = newest_committed(tmp_path / "checkpoints")[0]
+    files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    assert {".metadata", "rank00000.pt", "__0_0.distcp"} <= set(files)
+    for name, info in files.items():
+        assert info["sha256"] == file_sha256(ckpt / name) and info["bytes"] == (ckpt / name).stat().st_size
+
+
+def test_a_slow_save_reports_progress_all_along_and_commits(tmp_path):
+    from fault.progress import Progress
+
+    model, opt, _ = build()
+    progress = Progress()
+    mgr = CheckpointManager(CheckpointConfig(mode="sync"), run_dir=tmp_path, rank=0, world_size=1,
+                            fingerprint=FP, events=EventLog(tmp_path, 0), progress=progress)
+    seen: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def watch():  # what the watchdog thread sees: the progress counter, every 20 ms
+        while not stop.wait(0.02):
+            seen.append((time.monotonic(), progress.changes))
+    threading.Thread(target=watch, daemon=True).start()
+
+    def throttle(nbytes, moving):  # 2 MB/s, sliced like chaos' slow_io
+        remaining = nbytes / 2e6
+        while remaining > 0:
+            time.sleep(min(remaining, 0.01))
+            remaining -= 0.01
+            moving()
+    t0 = time.monotonic()
+    mgr.save(1, sharded=state(model, opt), per_rank={"step": 1}, throttle=throttle)
+    stop.set()
+    assert time.monotonic() - t0 > 0.05  # the throttle really slowed the save
+    longest_still, changed_at = 0.0, seen[0][0]
+    for (t, c), (_, before) in zip(seen[1:], seen):
+        if c != before:
+            changed_at = t
+        longest_still = max(longest_still, t - changed_at)
+    assert len(seen) > 3 and longest_still < 0.5, longest_still
+    assert newest_committed(mgr.dir)[0].name == "step_000001"
+
+
+def test_a_failed_local_write_commits_nothing_and_names_the_rank(tmp_path, monkeypatch):
+    from fault import checkpoint
+
+    model, opt, _ = build()
+    mgr = manager(tmp_path)
+    mgr.save(1, sharded=state(model, opt), per_rank={"step": 1})
+
+    def full(self, path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint.SaveIO, "write_file", full)
+    with pytest.raises(CheckpointError, match=r"step 2 was not committed: .*rank 0 .*No space left"):
+        mgr.save(2, sharded=state(model, opt), per_rank={"step": 2})
+    monkeypatch.undo()
+    mgr.save(3, sharded=state(model, opt), per_rank={"step": 3})  # the next save goes through
+    assert [p.name for p in newest_committed(mgr.dir)] == ["step_000003", "step_000001"]

@@ -251,3 +251,39 @@ def test_drill_report_is_logged_to_wandb_offline(tmp_path):
     log_to_wandb(report, tmp_path, "offline", "kill_rank")
     runs = list(tmp_path.glob("wandb/offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_compute_timer_leaves_out_the_engines_parameter_gathers():
+    """FSDP2 and ZeRO-3 wait for all-gathers in forward pre-hooks: time there is waiting on peers, not compute."""
+    from fault.watchdog import ComputeTimer
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)  # compute
+            return x
+
+    model = torch.nn.Sequential(Block(), Block())
+    for block in model:  # what an engine installs: a pre-hook that waits for a gather
+        block.register_forward_pre_hook(lambda m, args: time.sleep(0.1))
+    timer = ComputeTimer(torch.device("cpu"))
+    timer.exclude_engine_hooks(model)
+    assert timer.hooked_modules == 2
+    with timer():
+        model(torch.zeros(1))
+    measured = timer.take()
+    assert 0.09 <= measured < 0.2, measured  # ~0.1 s of compute; the 0.2 s of waiting is left out
+    model(torch.zeros(1))  # outside a timed forward the hooks record nothing
+    assert timer.take() == 0.0
+
+
+def test_random_hang_places_and_steps_are_drawn_from_the_seed():
+    cfg = ChaosConfig(faults=[FaultSpec(kind="hang", step=None, rank=None, where="random") for _ in range(12)],
+                      seed=11)
+    a, b = cfg.schedule(total_steps=20, world_size=4), cfg.schedule(total_steps=20, world_size=4)
+    assert [f.__dict__ for f in a] == [f.__dict__ for f in b]
+    assert all(2 <= f.step < 20 and 0 <= f.rank < 4 and f.where != "random" for f in a)
+    assert len({f.where for f in a}) >= 3  # the places vary
+    with pytest.raises(ValueError, match="where='inside'"):
+        FaultSpec(kind="hang", step=3, where="inside")
+    with pytest.raises(ValueError, match="io_mb_s"):
+        FaultSpec(kind="slow_io", step=3, io_mb_s=-1)
