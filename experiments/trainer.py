@@ -42,8 +42,7 @@ from experiments.dist import DistInfo, dist_info
 from fault.chaos import Chaos, ChaosConfig
 from fault.checkpoint import CheckpointConfig, CheckpointManager, Loaded, rng_state, set_rng_state
 from fault.events import EventLog, restart_count
-from fault.watchdog import (ComputeTimer, FaultDetected, Watchdog, WatchdogConfig, check_losses,
-                            install_stop_handler)
+from fault.watchdog import ComputeTimer, FaultDetected, Watchdog, WatchdogConfig, check_losses, install_stop_handler
 from systems import capabilities
 from systems.data import DataConfig, build_data, resolve_cache_dir
 from systems.fusion import FusionConfig
