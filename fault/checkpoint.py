@@ -75,6 +75,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -194,6 +195,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 CHUNK = 1 << 20  # bytes per write and per progress report
+_OTHER_RANK = "(another rank's write failed)"
 
 
 class SaveIO:
@@ -398,6 +400,13 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(d))
 
 
+def _not_shared(directory: Path, host: str, n: int, example: str) -> str:
+    return (f"checkpoint directory {directory} is not shared between the ranks: rank 0 on {host} cannot see {n} "
+            f"file(s) other ranks wrote (e.g. {example}). Put the run directory, or fault.checkpoint.dir, on a file "
+            "system every node mounts (NFS, Lustre, GPFS, a cloud bucket's POSIX mount); otherwise a resume finds "
+            "half a checkpoint")
+
+
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, *, run_dir: Path, rank: int, world_size: int,
                  fingerprint: dict, events: EventLog | None = None, progress: Progress | None = None):
@@ -419,6 +428,8 @@ class CheckpointManager:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
         # The broadcast doubles as the barrier: no rank goes on before rank 0 has prepared the directory.
         self._agree(self._prepare)
+        if self._distributed:
+            self._check_shared()
 
     # ---- start-up -------------------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -442,6 +453,29 @@ class CheckpointManager:
             raise CheckpointError(f"fault.checkpoint.resume=never but {d} already holds checkpoints "
                                   f"({newest_committed(d)[0].name}, ...) that this run must not overwrite; "
                                   "set fault.checkpoint.dir to a new directory, or resume=auto to continue from them")
+
+    def _check_shared(self) -> None:
+        """Every rank writes a probe file; rank 0 must see them all. A directory that is not on a shared file system
+        (each node writing its own copy) is found here, before any training, instead of at resume."""
+        probe = self.dir / f".probe-rank{self.rank:05d}-{os.getpid()}"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"probe")
+            name = probe.name
+        except OSError as e:
+            name = None
+            self._agree_ok(f"cannot write {probe} ({e.strerror or e})", "checking the checkpoint directory", 0)
+        names = self._gather((name, self._host))
+
+        def check() -> None:
+            unseen = [(r, host) for r, (n, host) in enumerate(names) if n is None or not (self.dir / n).exists()]
+            if unseen:
+                raise CheckpointError(_not_shared(self.dir, self._host, len(unseen), f"the probe of rank "
+                                                  f"{unseen[0][0]} on {unseen[0][1]}"))
+        try:
+            self._agree(check)
+        finally:
+            probe.unlink(missing_ok=True)
 
     # ---- collectives (all on the dedicated group; no-ops in one process) ----------------------------------
     def _agree(self, fn: Callable[[], Any]) -> Any:
@@ -502,7 +536,7 @@ class CheckpointManager:
         save_io = SaveIO(tmp, self.progress, throttle)
         error = None
         try:
-            tmp.mkdir(exist_ok=True)
+            tmp.mkdir(parents=True, exist_ok=True)
             if native is not None:
                 with save_io.opaque(f"checkpoint step {step}: the engine's own writer"):
                     native(tmp)
@@ -542,11 +576,14 @@ class CheckpointManager:
             save_io.fsync_written()
             if before_commit is not None:
                 before_commit()  # fault injection: may raise, or SIGKILL this process
+        except CheckpointException as e:  # DCP's: raised on every rank, naming the ranks whose write failed
+            own = e.failures.get(self.rank)
+            error = _OTHER_RANK if own is None else f"{type(own[0]).__name__}: {own[0]}"
         except Exception as e:  # noqa: BLE001 (reported to every rank by the gather below, so that none hangs)
             error = f"{type(e).__name__}: {e}"
         reports = self._gather((error, self._host, save_io.written))
-        failed = [(r, host, err) for r, (err, host, _) in enumerate(reports) if err is not None]
-        if failed:
+        failed = [(r, host, err) for r, (err, host, _) in enumerate(reports) if err not in (None, _OTHER_RANK)]
+        if failed or any(err == _OTHER_RANK for err, _, _ in reports):
             raise RuntimeError(f"checkpoint step {step} was not committed: writing {tmp} failed on "
                                + "; ".join(f"rank {r} ({host}): {err}" for r, host, err in failed))
         self._agree(lambda: self._commit(step, tmp, final, reports, t0, block_s))
@@ -562,11 +599,8 @@ class CheckpointManager:
                     unseen.append((name, r, host))
         if unseen:
             name, r, host = unseen[0]
-            raise CheckpointError(
-                f"checkpoint directory {self.dir} is not shared between the ranks: rank 0 on {self._host} cannot see "
-                f"{len(unseen)} file(s) other ranks wrote (e.g. {name} from rank {r} on {host}). Put the run "
-                "directory, or fault.checkpoint.dir, on a file system every node mounts (NFS, Lustre, GPFS, a "
-                "cloud bucket's POSIX mount); otherwise a resume finds half a checkpoint. Nothing was committed")
+            raise CheckpointError(_not_shared(self.dir, self._host, len(unseen), f"{name} from rank {r} on {host}")
+                                  + ". Nothing was committed")
         save_io = SaveIO(tmp, self.progress, None)
         for p in sorted(tmp.rglob("*")):  # files no rank claimed: DCP's .metadata (if untracked), DeepSpeed's
             name = str(p.relative_to(tmp))

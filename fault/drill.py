@@ -33,7 +33,7 @@ from typing import Any
 
 from fault.events import read_events
 
-GOALS = {"crash_detect_s": 10.0, "hang_detect_x_timeout": 2.0}
+GOALS = {"crash_detect_s": 10.0, "hang_detect_x_timeout": 1.5}
 CRASHES = ("kill", "exception", "corrupt_checkpoint", "kill_mid_save", "nan_loss")
 
 
@@ -148,8 +148,12 @@ def goals(report: dict[str, Any], hang_timeout_s: float | None) -> dict[str, Any
         key = f"{f['fault']}#{f['fault_id']}"
         if f["fault"] in CRASHES and f["detect_s"] is not None:
             out[f"{key} detect < {GOALS['crash_detect_s']:.0f} s"] = f["detect_s"] < GOALS["crash_detect_s"]
-        if f["fault"] == "hang" and f["detect_s"] is not None and hang_timeout_s:
-            out[f"{key} detect < 2x timeout"] = f["detect_s"] < GOALS["hang_detect_x_timeout"] * hang_timeout_s
+        hang = f["fault"] == "hang" or f.get("detected_cause") == "checkpoint_hang"
+        if hang and f["detect_s"] is not None and hang_timeout_s:
+            x = GOALS["hang_detect_x_timeout"]
+            out[f"{key} detect < {x:g}x timeout"] = f["detect_s"] < x * hang_timeout_s
+        if f.get("blamed_rank") is not None or hang:
+            out[f"{key} blamed the faulty rank"] = f.get("blamed_rank") == f["target_rank"]
         out[f"{key} zero committed steps lost"] = f["committed_steps_lost"] == 0
     out["completed"] = report["completed"]
     if "loss" in report:

@@ -145,7 +145,7 @@ def main_thread_where() -> str:
         return "?"
     inner = f"{_short(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
     f = frame
-    while f is not None and not f.f_code.co_filename.startswith(_REPO):
+    while f is not None and (not f.f_code.co_filename.startswith(_REPO) or "site-packages" in f.f_code.co_filename):
         f = f.f_back
     if f is None or f is frame:
         return inner
@@ -153,7 +153,7 @@ def main_thread_where() -> str:
 
 
 def _short(path: str) -> str:
-    if path.startswith(_REPO):
-        return os.path.relpath(path, _REPO)
     parts = Path(path).parts
-    return "/".join(parts[parts.index("site-packages") + 1:]) if "site-packages" in parts else Path(path).name
+    if "site-packages" in parts:
+        return "/".join(parts[parts.index("site-packages") + 1:])
+    return os.path.relpath(path, _REPO) if path.startswith(_REPO) else Path(path).name

@@ -1,6 +1,7 @@
 """fault.checkpoint across two real processes (gloo): save on two ranks, load on two fresh ones."""
 import datetime
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,7 +104,7 @@ def test_two_ranks_save_then_two_fresh_ranks_load(tmp_path, mode):
 
     spawn(_save_worker, (free_port(), mode, str(tmp_path)), WORLD, timeout_s=90)
     errors = [torch.load(tmp_path / f"error{r}.pt") for r in range(WORLD)]
-    assert "rank 1 dies" in errors[1] and "a rank failed" in errors[0]
+    assert all("step 4 was not committed" in e and "rank 1" in e and "rank 1 dies" in e for e in errors)
     assert [p.name for p in newest_committed(tmp_path / "checkpoints")] == ["step_000002"]
 
     spawn(_load_worker, (free_port(), mode, str(tmp_path)), WORLD, timeout_s=90)
@@ -114,3 +115,136 @@ def test_two_ranks_save_then_two_fresh_ranks_load(tmp_path, mode):
         assert loaded["step"] == 2 and loaded["per_rank"] == {"rank": r}
         _assert_same(expected, loaded["state"], f"rank{r}")
     assert not (tmp_path / "checkpoints" / ".tmp-step_000004").exists()  # removed by the second start
+
+
+def _failure_worker(rank: int, port: int, scenario: str, out: str) -> None:
+    """One rank's write fails (a full disk), or each rank writes into a directory the other cannot see."""
+    import errno
+    import time
+
+    from fault import checkpoint
+
+    os.environ["CKPT_TEST_RUN_DIR"] = f"{out}/rank{rank}" if scenario == "not_shared" else out
+    if scenario == "not_shared":  # found when the manager starts, before any training
+        try:
+            _setup(rank, port, "sync-save")
+            error = None
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+        flag = torch.ones(1)
+        dist.all_reduce(flag)
+        torch.save({"error": error, "sum": flag.item()}, f"{out}/result{rank}.pt")
+        dist.destroy_process_group()
+        return
+    model, opt, mgr, state = _setup(rank, port, "sync-save")
+    real_write_file, real_write = checkpoint.SaveIO.write_file, checkpoint._HashingStream.write
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    if rank == 1 and scenario == "own_write_full":
+        checkpoint.SaveIO.write_file = full  # its rank00001.pt
+    if rank == 1 and scenario == "dcp_write_full":
+        checkpoint._HashingStream.write = lambda self, data: full() if self.name.endswith(".distcp") \
+            else real_write(self, data)
+    t0 = time.monotonic()
+    try:
+        mgr.save(1, sharded=state(), per_rank={"rank": rank})
+        error = None
+    except (checkpoint.CheckpointError, RuntimeError) as e:
+        error = f"{type(e).__name__}: {e}"
+    elapsed = time.monotonic() - t0
+    checkpoint.SaveIO.write_file, checkpoint._HashingStream.write = real_write_file, real_write
+    # The ranks' collectives still match: a training all-reduce and the next save go through.
+    flag = torch.ones(1)
+    dist.all_reduce(flag)
+    mgr.save(2, sharded=state(), per_rank={"rank": rank})
+    committed = [p.name for p in checkpoint.newest_committed(mgr.dir)]
+    torch.save({"error": error, "elapsed": elapsed, "sum": flag.item(), "committed": committed},
+               f"{out}/result{rank}.pt")
+    mgr.close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("scenario", ["own_write_full", "dcp_write_full"])
+def test_a_full_disk_on_one_rank_fails_the_save_on_every_rank_without_a_hang(tmp_path, scenario):
+    spawn(_failure_worker, (free_port(), scenario, str(tmp_path)), WORLD, timeout_s=90)
+    results = [torch.load(tmp_path / f"result{r}.pt") for r in range(WORLD)]
+    for r in results:
+        assert r["error"] and "step 1 was not committed" in r["error"] and "rank 1" in r["error"]
+        assert "No space left on device" in r["error"] and "rank 0 (" not in r["error"]
+        assert r["elapsed"] < 30 and r["sum"] == WORLD  # no rank waited out a timeout; collectives still match
+        assert r["committed"] == ["step_000002"]  # the failed step left nothing; the next save committed
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_checkpoint_dir_that_is_not_shared_is_reported_before_training(tmp_path):
+    spawn(_failure_worker, (free_port(), "not_shared", str(tmp_path)), WORLD, timeout_s=90)
+    for r in range(WORLD):
+        result = torch.load(tmp_path / f"result{r}.pt")
+        assert "not shared between the ranks" in result["error"] and "probe of rank 1" in result["error"]
+        assert "NFS" in result["error"] and result["sum"] == WORLD
+    assert not list((tmp_path / "rank0" / "checkpoints").glob(".probe*"))  # probes cleaned up
+
+
+def _commit_check_worker(rank: int, port: int, out: str) -> None:
+    """The directory was shared at start-up but rank 1's files do not reach rank 0 (a mount that changed)."""
+    from fault import checkpoint
+
+    os.environ["CKPT_TEST_RUN_DIR"] = out
+    model, opt, mgr, state = _setup(rank, port, "sync-save")
+    if rank == 1:
+        mgr.dir = Path(out) / "elsewhere"
+    try:
+        mgr.save(1, sharded=state(), per_rank={"rank": rank})
+        error = None
+    except checkpoint.CheckpointError as e:
+        error = str(e)
+    torch.save({"error": error}, f"{out}/result{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_the_commit_checks_that_rank_0_sees_every_file(tmp_path):
+    spawn(_commit_check_worker, (free_port(), str(tmp_path)), WORLD, timeout_s=90)
+    for r in range(WORLD):
+        error = torch.load(tmp_path / f"result{r}.pt")["error"]
+        assert "not shared between the ranks" in error and "from rank 1" in error and "Nothing was committed" in error
+    assert not list((tmp_path / "checkpoints").glob("step_*"))
+
+
+def _recorder_worker(rank: int, port: int, out: str) -> None:
+    """What the watchdog reads while rank 0 waits in a collective rank 1 has not entered yet."""
+    import json
+    import threading
+    import time
+
+    from fault.progress import collectives, enable_flight_recorder
+
+    enable_flight_recorder()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    group = dist.new_group(backend="gloo", group_desc="checkpoint")
+    for _ in range(3):
+        dist.all_reduce(torch.ones(4))
+    seen = {}
+    reader = threading.Timer(1.0, lambda: seen.update(collectives()))
+    reader.start()
+    if rank == 1:
+        time.sleep(2.0)
+    dist.all_reduce(torch.ones(1000))
+    reader.join()
+    dist.barrier(group=group)
+    Path(f"{out}/seen{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_the_flight_recorder_shows_who_entered_which_collective(tmp_path):
+    import json
+
+    spawn(_recorder_worker, (free_port(), str(tmp_path)), WORLD, timeout_s=60)
+    waiting, late = (json.loads((tmp_path / f"seen{r}.json").read_text()) for r in range(WORLD))
+    assert waiting["0"]["enqueued"] == 4 and waiting["0"]["completed"] == 3
+    assert waiting["0"]["pending"] == {"seq": 4, "op": "gloo:all_reduce", "bytes": 4000}
+    assert late["0"]["enqueued"] == 3 and late["0"]["completed"] == 3 and late["0"]["pending"] is None
+    ckpt = next(g for g in waiting.values() if g["desc"] == "checkpoint")
+    assert ckpt["ranks"] == [0, 1] and ckpt["enqueued"] == 0  # a member that never used the group is listed
