@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,7 +74,6 @@ def _check_writable(path: str | None, key: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        sys.stderr.write(f"chuanliu: error: cannot write the run directory {target} ({e.strerror or e}); set "
+        raise SystemExit(f"chuanliu: error: cannot write the run directory {target} ({e.strerror or e}); set "
                          f"{key}=<a writable directory>, or start from a directory you can write to (the default "
-                         f"is relative to the current one)\n")
-        raise SystemExit(2) from None
+                         f"is relative to the current one)") from None

@@ -9,8 +9,10 @@ fsynced first.
 Event kinds (the ``kind`` field) and what they carry:
     start               step the process starts from (0 = fresh), resumed_from (a checkpoint path or null)
     fault_injected      fault (kind), fault_id, step, target rank
-    detected            cause (crash, hang, nan_loss, exception, straggler, collective_failure, terminated),
-                        blamed_rank (or null), step, detail
+    detected            cause (crash, hang, checkpoint_hang, nan_loss, exception, straggler, collective_failure,
+                        terminated), blamed_rank (or null), step, detail; a hang also blamed_ranks, blamed_host,
+                        rule (frozen, not_in_collective, behind, unknown), waiting_in (group, desc, seq, op,
+                        bytes), fenced; a straggler ratio, drift, window, windows, threshold
     checkpoint_commit   step, path, block_s (training blocked), write_s (whole save), bytes
     checkpoint_fallback skipped (path), reason, used (path or null)
     step_done           step (only the first completed step of each process, to time recovery)

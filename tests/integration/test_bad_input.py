@@ -92,7 +92,15 @@ def _bad_utf8(tmp: Path) -> tuple[Path, list[str]]:
     return path, [re.escape(str(bad)), r"UTF-8"]
 
 
-DATA_CASES = {"missing": _missing, "empty": _empty, "invalid_utf8": _bad_utf8}
+def _too_little(tmp: Path) -> tuple[Path, list[str]]:
+    path = tmp / "tiny"
+    path.mkdir()
+    (path / "a.txt").write_text("abc", encoding="utf-8")  # 3 bytes: it used to train, looping over them
+    return path, [r"3 bytes = \d+ tokens", r"less than one training sample", r"train\.seq_len \+ 1 = 129 tokens",
+                  re.escape(str(path)) + r"|data\.data_dir"]
+
+
+DATA_CASES = {"missing": _missing, "empty": _empty, "invalid_utf8": _bad_utf8, "too_little_text": _too_little}
 
 
 @pytest.mark.parametrize("case", list(DATA_CASES))
@@ -103,6 +111,27 @@ def test_bad_data_dir(case: str, env: dict[str, str], tmp_path: Path):
     message = check_failed_cleanly(proc, run_dir, ours=True)
     for pattern in expected:
         assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
+
+
+def test_a_tokenizer_smaller_than_requested_is_a_warning_with_the_numbers(env: dict[str, str], tmp_path: Path):
+    data = tmp_path / "small_corpus"
+    data.mkdir()
+    (data / "a.txt").write_text("the cat sat on the mat. " * 40, encoding="utf-8")
+    run_dir = tmp_path / "run"
+    proc, _ = run_train([f"data.data_dir={quoted(data)}", "data.vocab_size=4096"], env, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr + (run_dir / "train.log").read_text()
+    match = re.search(r"data\.vocab_size=4096 was requested but .* supports only (\d+) pieces", out)
+    assert match and int(match[1]) < 4096, out[-3000:]
+
+
+def test_an_unwritable_run_dir_is_one_line_naming_it(env: dict[str, str], tmp_path: Path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    run_dir = blocker / "run"  # unwritable even for root: its parent is a file
+    proc, _ = run_train([], env, run_dir)
+    line = check_failed_cleanly(proc, run_dir, ours=True)
+    assert re.search(r"cannot write the run directory .*a_file/run \(Not a directory\); set hydra\.run\.dir=", line)
 
 
 # ---------------------------------------------------------------------------------------------------------
