@@ -746,7 +746,7 @@ class CheckpointManager:
                 raise _Corrupt(f"{name} is missing")
             if f.stat().st_size != info["bytes"]:
                 raise _Corrupt(f"{name} has {f.stat().st_size} bytes, the manifest says {info['bytes']}")
-            if self.cfg.verify and file_sha256(f) != info["sha256"]:
+            if self.cfg.verify and SaveIO(path, self.progress, None).sha256(f) != info["sha256"]:
                 raise _Corrupt(f"{name} fails its sha256 check")
 
     def _check_compatible(self, path: Path, manifest: dict) -> None:

@@ -163,11 +163,12 @@ def goals(report: dict[str, Any], hang_timeout_s: float | None) -> dict[str, Any
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"drill: {report['run_dir']}",
-             f"{'fault':<20}{'step':>5}{'rank':>5}  {'detected by':<20}{'detect s':>9}{'recover s':>10}"
-             f"{'resumed@':>9}{'lost':>5}{'lost*':>6}"]
+             f"{'fault':<20}{'step':>5}{'rank':>5}  {'detected by':<20}{'blamed':>7}{'detect s':>9}"
+             f"{'recover s':>10}{'resumed@':>9}{'lost':>5}{'lost*':>6}"]
     for f in report["faults"]:
         num = lambda v: "-" if v is None else f"{v:.2f}"
         lines.append(f"{f['fault']:<20}{f['step']:>5}{f['target_rank']:>5}  {f['detected_cause']!s:<20}"
+                     f"{'-' if f.get('blamed_rank') is None else f['blamed_rank']!s:>7}"
                      f"{num(f['detect_s']):>9}{num(f['recover_s']):>10}{f.get('resumed_from_step', '-')!s:>9}"
                      f"{f['steps_lost']:>5}{f['committed_steps_lost']:>6}")
     if not report["faults"]:

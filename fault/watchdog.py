@@ -186,7 +186,7 @@ class Verdict:
     """Who is to blame for a hang, and why."""
 
     blamed: list[int]  # empty: the evidence points at no rank
-    rule: str  # frozen | not_in_collective | behind | unknown
+    rule: str  # frozen | not_in_collective | behind | only_rank | unknown
     waiting_in: dict | None = None  # the collective the healthy ranks wait in: group, desc, seq, op, bytes
     waiting_ranks: list[int] | None = None
 
@@ -225,9 +225,11 @@ def blame(beats: dict[int, dict], *, frozen: set[int]) -> Verdict:
         default = (b.get("collectives") or {}).get("0", {})
         return b.get("step", 0), PHASE_ORDER.get(b.get("phase"), 0), b.get("micro", 0), default.get("enqueued", 0)
 
+    if len(beats) == 1:  # one process: it is the one that stopped
+        return Verdict(list(beats), "only_rank", **info)
     lowest = min(position(r) for r in beats)
     behind = sorted(r for r in beats if position(r) == lowest)
-    if len(behind) == 1 and len(beats) > 1:
+    if len(behind) == 1:
         return Verdict(behind, "behind", **info)
     return Verdict([], "unknown", **info)
 
@@ -409,7 +411,9 @@ class Watchdog:
             self._peers.clear()
         if idle > limit and self._observed_for(now) >= min(self.liveness_s, limit / 2):
             self._hang(idle, limit, name)
-        if self.rank == 0 and self.world_size > 1:
+        # Rank 0 reads every heartbeat only while one of its own windows waits to be scored (every rank's window w
+        # covers the same steps), not on every poll: at 1000 ranks that is a burst of reads per window.
+        if self.rank == 0 and self.world_size > 1 and self._windows and self._windows[-1][0] > self._scored:
             self._check_stragglers()
 
     def _observe_peers(self, now: float) -> None:
@@ -540,7 +544,7 @@ def describe(verdict: Verdict, beats: dict[int, dict], frozen: set[int], *, me: 
                      f"#{w['seq']} ({w['op']}{size})")
     why = {"frozen": "shows no sign of life (frozen or gone)",
            "not_in_collective": "never entered that collective",
-           "behind": "is furthest behind", "unknown": ""}[verdict.rule]
+           "behind": "is furthest behind", "only_rank": "is the only rank", "unknown": ""}[verdict.rule]
     for r in verdict.blamed:
         b = beats.get(r, {})
         parts.append(f"blamed rank {r} on {b.get('host')} (pid {b.get('pid')}) {why}: step {b.get('step')} "
