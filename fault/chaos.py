@@ -114,8 +114,8 @@ class ChaosConfig:
                     break
                 faults.append(FaultSpec(kind=rng.choice(self.kinds), step=max(2, int(step))))
         for f in faults:
-            if f.step is None:  # leave step 1 (start-up) and the last step (recovery must show) alone
-                f.step = rng.randrange(2, max(3, total_steps))
+            if f.step is None:  # leave step 1 (start-up) and the last two steps (recovery must show) alone
+                f.step = rng.randrange(2, max(3, total_steps - 1))
             if f.rank is None:
                 f.rank = rng.randrange(world_size)
             if f.kind == "hang" and f.where == "random":
@@ -143,6 +143,7 @@ class Chaos:
         self._step = 0
         self._step_started: float | None = None
         self._last_step_s = 1.0
+        self._last_forward_s = 0.0
         self._rng = random.Random(cfg.seed * 1_000_003 + rank)
         if self.pending:
             log.warning("chaos: rank %d will inject %s", rank,
@@ -207,7 +208,10 @@ class Chaos:
             self._record(fault_id, f, step, corrupted=str(corrupted) if corrupted else None)
             _die()
         if f.kind == "hang" and f.where == "sigstop":
-            delay = self._rng.uniform(0.0, self._last_step_s)  # somewhere inside this step, whatever it is doing
+            # Somewhere inside this step, whatever it is doing: a step's compute is about 3 forwards (the previous
+            # step's whole time would also count its checkpoint save and could carry the freeze past the run's end).
+            span = min(self._last_step_s, 3 * self._last_forward_s) if self._last_forward_s else self._last_step_s
+            delay = self._rng.uniform(0.0, span)
             threading.Thread(target=self._freeze, args=(fault_id, f, step, delay), daemon=True).start()
             return
         if f.kind == "hang" and f.where != "step_start":
@@ -235,6 +239,7 @@ class Chaos:
         """Around each forward pass: a slow fault stretches it to slow_factor times its own duration."""
         t0 = time.perf_counter()
         yield
+        self._last_forward_s = time.perf_counter() - t0
         if self._slow is not None:
             _, f = self._slow
             if f.slow_steps and self._step >= f.step + f.slow_steps:
