@@ -10,7 +10,9 @@ runs need the run directory on a shared file system, as their checkpoints do.
   ``checkpoint_timeout_s`` inside an opaque checkpoint I/O call such as an fsync). Progress is any update of the
   rank's position or a collective entered or completed; a checkpoint save reports the bytes it writes and hashes, so
   a slow save is progress and a stuck one is not. A hung rank and the peers blocked on it all stop progressing, so
-  every rank's watchdog fires within about one timeout instead of the process-group timeout. Who is to blame
+  every rank's watchdog fires within about one timeout instead of the process-group timeout. A rank that waits
+  while some live peer still makes progress (a peer writing a large checkpoint slowly) does not fire: the job is
+  slow, not hung. Who is to blame
   (``blame``), in order: ranks whose liveness stopped (a frozen or vanished process); else the ranks the others
   wait for in a collective they never entered (the ends of the waits-for chains, so a node leader blocked on its
   node is not blamed for blocking the leaders' all-reduce); else the one furthest behind. The detection names the
@@ -282,6 +284,7 @@ class Watchdog:
         self._windows: deque[list] = deque(maxlen=8)  # [window index, median compute s, min compute s]
         self._steps_seen = 0
         self._peers: dict[int, list] = {}  # rank -> [beat counter, monotonic time it last changed, first seen]
+        self._deferred = False  # a hang decision put off because a peer still makes progress (logged once)
         self._scored = -1
         self._slow_streak: dict[int, list[float]] = {}
         self._noise: list[float] = []  # |log| change of each rank's ratio between consecutive windows
@@ -346,7 +349,7 @@ class Watchdog:
             windows = list(self._windows)
         beat = {"rank": self.rank, "host": self._host, "pid": self._pid, "state": self._state, "beat": self._beats,
                 "time": time.time(), **self.progress.snapshot(), "where": main_thread_where(),
-                "idle_s": round(time.monotonic() - self._last_progress, 3),
+                "idle_s": round(time.monotonic() - self._last_progress, 3), "limit_s": self._limit()[0],
                 "collectives": collectives() if collectives_now is None else collectives_now, "windows": windows}
         path = self.dir / f"rank{self.rank:05d}.json"
         tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
@@ -410,11 +413,28 @@ class Watchdog:
         elif self._peers:
             self._peers.clear()
         if idle > limit and self._observed_for(now) >= min(self.liveness_s, limit / 2):
-            self._hang(idle, limit, name)
+            busy = self._busy_peers(now)
+            if not busy:
+                self._hang(idle, limit, name)
+            elif not self._deferred:
+                self._deferred = True
+                log.warning("no progress on rank %d for %.0f s, but rank(s) %s still make progress (a slow save, "
+                            "a slow rank): waiting for them, not a hang", self.rank, idle, busy)
+        else:
+            self._deferred = False
         # Rank 0 reads every heartbeat only while one of its own windows waits to be scored (every rank's window w
         # covers the same steps), not on every poll: at 1000 ranks that is a burst of reads per window.
         if self.rank == 0 and self.world_size > 1 and self._windows and self._windows[-1][0] > self._scored:
             self._check_stragglers()
+
+    def _busy_peers(self, now: float) -> list[int]:
+        """Live peers that still make progress within their own limit: a rank waiting in a collective for a peer
+        that is slow but moving (writing a big checkpoint at 200 MB/s, a straggler) is not hung, and neither is the
+        job. A frozen peer's last heartbeat says it was busy, so frozen ranks never count."""
+        frozen = {r for r, p in self._peers.items() if now - p[1] >= self.liveness_s}
+        return sorted(r for r, b in self.heartbeats().items()
+                      if r != self.rank and r not in frozen and b.get("state", "running") == "running"
+                      and b.get("idle_s", float("inf")) < b.get("limit_s", self.cfg.hang_timeout_s))
 
     def _observe_peers(self, now: float) -> None:
         for r, b in self.heartbeats().items():

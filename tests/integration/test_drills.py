@@ -225,3 +225,16 @@ def test_a_stuck_checkpoint_write_is_reported_as_a_stuck_checkpoint_with_its_ran
     assert_blamed(report, detections, 2, cause="checkpoint_hang")
     hang = next(e for e in detections if e["cause"] == "checkpoint_hang")
     assert hang["waiting_in"]["desc"] == "checkpoint"
+
+
+def test_a_slow_save_longer_than_the_hang_timeout_is_not_a_hang(tmp_path, reference):
+    # Rank 1 writes its share of the step-6 checkpoint as if it were 300x bigger at 200 MB/s (about 13 s, three
+    # hang timeouts); rank 0 finishes early and waits for it in the save's gather, seeing rank 1 still progress.
+    report = drill(tmp_path, reference, "slow_io", "fault.chaos.faults.0.io_mb_s=200",
+                   "fault.chaos.faults.0.io_size_factor=300", schedule=("fault.chaos.faults.0.step=6",
+                                                                         "fault.chaos.faults.0.rank=1"))
+    events = read_jsonl(tmp_path / "slow_io" / "faulty" / "events.jsonl")
+    assert not [e for e in events if e["kind"] == "detected"], [e.get("detail") for e in events]
+    assert report["restarts"] == 0
+    (save,) = [e for e in events if e["kind"] == "checkpoint_commit" and e["step"] == 6]
+    assert save["write_s"] > 2 * HANG_TIMEOUT_S
