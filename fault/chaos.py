@@ -48,6 +48,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fault.events import EventLog, read_events
+from fault.progress import run_queue_s
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +237,10 @@ class Chaos:
 
     @contextlib.contextmanager
     def forward(self) -> Iterator[None]:
-        """Around each forward pass: a slow fault stretches it to slow_factor times its own duration."""
-        t0 = time.perf_counter()
+        """Around each forward pass: a slow fault stretches it to slow_factor times its own compute (its wall time
+        less the time it sat in the run queue behind other processes, as the straggler timer counts it), so a 2x
+        fault is a 2x slower rank and not more on a loaded host."""
+        t0, queued0 = time.perf_counter(), run_queue_s()
         yield
         self._last_forward_s = time.perf_counter() - t0
         if self._slow is not None:
@@ -245,7 +248,7 @@ class Chaos:
             if f.slow_steps and self._step >= f.step + f.slow_steps:
                 self._slow = None
             else:
-                time.sleep((f.slow_factor - 1) * (time.perf_counter() - t0))
+                time.sleep((f.slow_factor - 1) * max(0.0, self._last_forward_s - (run_queue_s() - queued0)))
 
     def io_throttle(self, step: int) -> Callable[[int, Callable[[], None]], None] | None:
         """For a checkpoint save at ``step``: the slow_io throttle, called before each chunk this rank writes with

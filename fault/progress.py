@@ -157,3 +157,12 @@ def _short(path: str) -> str:
     if "site-packages" in parts:
         return "/".join(parts[parts.index("site-packages") + 1:])
     return os.path.relpath(path, _REPO) if path.startswith(_REPO) else Path(path).name
+
+
+def run_queue_s() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat; 0 elsewhere)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0

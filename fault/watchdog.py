@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from fault.events import EventLog
-from fault.progress import Progress, collectives, main_thread_where
+from fault.progress import Progress, collectives, main_thread_where, run_queue_s
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,9 @@ class WatchdogConfig:
     # own checkpoint writer); writes and checksums report their bytes and are held to hang_timeout_s
     checkpoint_timeout_s: float = 900.0
     poll_s: float = 0.5  # how often the watchdog looks (and beats: the liveness signal)
-    liveness_s: float | None = None  # a heartbeat unchanged this long: frozen or gone (None: max(4 poll_s, 2 s))
+    # a heartbeat unchanged this long: frozen or gone (None: max(6 poll_s, 3 s); a loaded host can starve the
+    # watchdog thread for a second or two, which must not pass for a frozen process)
+    liveness_s: float | None = None
     straggler_factor: float = 1.5  # forward compute > factor x the median of the other ranks -> slow window
     straggler_window: int = 5  # steps per window (a rank's median forward compute over them)
     straggler_windows: int = 2  # consecutive slow windows before a rank is reported as a straggler
@@ -91,7 +93,7 @@ class WatchdogConfig:
         if self.liveness_s is not None and not 0 < self.liveness_s < self.hang_timeout_s:
             raise ValueError(f"fault.watchdog.liveness_s must be > 0 and below hang_timeout_s "
                              f"({self.hang_timeout_s}), got {self.liveness_s}")
-        if (self.liveness_s or max(4 * self.poll_s, 2.0)) >= self.hang_timeout_s:
+        if (self.liveness_s or max(6 * self.poll_s, 3.0)) >= self.hang_timeout_s:
             raise ValueError(f"fault.watchdog.poll_s={self.poll_s} is too slow for hang_timeout_s="
                              f"{self.hang_timeout_s}: liveness needs several polls within the timeout; lower "
                              "poll_s or set liveness_s")
@@ -100,15 +102,6 @@ class WatchdogConfig:
         if self.straggler_window < 1 or self.straggler_windows < 1:
             raise ValueError(f"fault.watchdog.straggler_window ({self.straggler_window}) and straggler_windows "
                              f"({self.straggler_windows}) must be >= 1")
-
-
-def _run_queue_s() -> float:
-    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat; 0 elsewhere)."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 class ComputeTimer:
@@ -149,7 +142,7 @@ class ComputeTimer:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter() - _run_queue_s()
+        return time.perf_counter() - run_queue_s()
 
     def _wait_begins(self, module, args) -> None:
         if self._active:
@@ -272,7 +265,7 @@ class Watchdog:
         self.progress = progress or Progress()
         self.dir = Path(run_dir) / "heartbeat"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.liveness_s = cfg.liveness_s or max(4 * cfg.poll_s, 2.0)
+        self.liveness_s = cfg.liveness_s or max(6 * cfg.poll_s, 3.0)
         self._last_progress = time.monotonic()
         self._signature: tuple | None = None
         self._first_step_done = False
@@ -395,8 +388,14 @@ class Watchdog:
         return self.cfg.hang_timeout_s, "hang_timeout_s"
 
     def _watch(self) -> None:
+        failures = 0
         while not self._stop.wait(self.cfg.poll_s):
-            self._poll()
+            try:
+                self._poll()
+            except Exception:  # noqa: BLE001 (the watchdog must outlive a bad poll: it is the liveness signal)
+                failures += 1
+                if failures <= 3:
+                    log.exception("watchdog poll failed on rank %d (it keeps watching)", self.rank)
 
     def _poll(self) -> None:
         now_collectives = collectives()
@@ -408,11 +407,11 @@ class Watchdog:
         self._write(now_collectives)
         idle = now - self._last_progress
         limit, name = self._limit()
-        if idle > limit / 2 and self.world_size > 1:
+        if idle > limit / 4 and self.world_size > 1:
             self._observe_peers(now)  # liveness history for the blame, gathered only while a hang is possible
         elif self._peers:
             self._peers.clear()
-        if idle > limit and self._observed_for(now) >= min(self.liveness_s, limit / 2):
+        if idle > limit and self._observed_for(now) >= min(self.liveness_s, 0.75 * limit):
             busy = self._busy_peers(now)
             if not busy:
                 self._hang(idle, limit, name)
