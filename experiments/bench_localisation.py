@@ -180,6 +180,8 @@ def slow_save(root: Path) -> dict:
               "save_s": commits[0]["write_s"] if commits else None, "committed": bool(commits),
               "hang_detections": len(detections), "exit_code": proc.returncode, "wall_s": time.time() - t0,
               "detections": [e.get("detail") for e in detections]}
+    if proc.returncode != 0:
+        result["stderr_tail"] = proc.stderr[-3000:]
     print(f"slow save: {result}", flush=True)
     return result
 
