@@ -203,12 +203,13 @@ def main() -> None:
     result.update({"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu_name(), "cores": os.cpu_count(),
                    "python": platform.python_version(), "torch": torch.__version__, "seed": seed})
     with tempfile.TemporaryDirectory(prefix="chuanliu-bench-localisation-") as tmp:
+        stamp = {"date": result["date"], "seed": seed}  # sections run at different times keep their own
         if a.section in ("all", "blame"):
-            result["blame"] = blame(Path(tmp), a.drills, a.hang_timeout, rng)
+            result["blame"] = {**stamp, **blame(Path(tmp), a.drills, a.hang_timeout, rng)}
         if a.section in ("all", "stragglers"):
-            result["stragglers"] = stragglers(Path(tmp), a.clean, a.slow, rng)
+            result["stragglers"] = {**stamp, **stragglers(Path(tmp), a.clean, a.slow, rng)}
         if a.section in ("all", "slow_save"):
-            result["slow_save"] = slow_save(Path(tmp))
+            result["slow_save"] = {**stamp, **slow_save(Path(tmp))}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {a.out} (seed {seed})")
