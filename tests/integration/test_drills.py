@@ -79,8 +79,11 @@ def test_hang_is_found_by_the_watchdog_not_the_collective_timeout(tmp_path, refe
 
 
 def test_slow_rank_is_reported_as_a_straggler_without_restart(tmp_path, reference):
-    # A 2x slowdown from step 5 (windows of 3 steps: 4-6, 7-9, 10-12); it must persist over 2 windows to count.
-    report = drill(tmp_path, reference, "slow_rank", "fault.chaos.faults.0.slow_factor=2.0",
+    # A 3x slowdown from step 5 (windows of 3 steps: 4-6, 7-9, 10-12); it must persist over 2 windows to count.
+    # With 2 ranks the "median of the others" is one rank whose own speed moves 10-20% on a loaded 2-core host
+    # (a 2x fault measured 1.6-1.9x here and fell under the 1.5 factor in a CI window); 2x slowdowns on 4 ranks are
+    # measured in experiments/bench_localisation.py (5 of 5 named, 0 false detections in 10 clean runs).
+    report = drill(tmp_path, reference, "slow_rank", "fault.chaos.faults.0.slow_factor=3.0",
                    "fault.chaos.faults.0.step=5", "fault.watchdog.straggler_window=3", schedule=("fault.chaos.faults.0.rank=1",))
     f = only_fault(report)
     assert f["detected_cause"] == "straggler" and f["blamed_rank"] == 1 and not f["restarted"], f
