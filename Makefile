@@ -4,7 +4,7 @@ PY := .venv/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test bench clean
+.PHONY: train test bench gpu-check clean
 train:  ## set up, then train the tiny model on the built-in corpus (pass Hydra overrides in ARGS="...")
 	@scripts/setup.sh
 	$(PY) -m experiments.train $(ARGS)
@@ -16,6 +16,9 @@ test:  ## set up with test dependencies, then run the whole suite
 bench:  ## step time, tokens/s and MFU of tiny and small (writes docs/benchmarks/*.json)
 	@scripts/setup.sh
 	$(PY) -m experiments.bench_models
+
+gpu-check:  ## on a GPU machine, <= 8 min: gpu tests, Baichuan-7B-width stack table, NCCL (OUT=dir; see README)
+	@scripts/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf runs multirun outputs .pytest_cache

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from comm.engine import EngineInputs, TorchOptimizerEngine, gather_rank_losses
+from comm.engine import EngineInputs, StateBytes, TorchOptimizerEngine, gather_rank_losses
 
 # The RoPE tables are the model's only buffers, identical constants: no buffer collective in each forward (which
 # also keeps the forward free of communication, so the watchdog can time it as the rank's own speed).
@@ -30,6 +30,13 @@ NO_BUFFER_SYNC = {"forward_sync_buffers": False} if "forward_sync_buffers" in _D
 class DDPConfig:
     gradient_as_bucket_view: bool = True  # grads alias the buckets: one copy fewer
     static_graph: bool = False  # the graph is the same every step (lets DDP skip unused-parameter search)
+
+    def state_bytes(self, n_params: int, *, dp: int, compute_dtype: str, unit_params: int,
+                    bucket_bytes: int) -> StateBytes:
+        """fp32 weights, gradients and AdamW moments on every rank; without gradient_as_bucket_view DDP's buckets
+        are a second copy of the gradients."""
+        copy = 4 * n_params if dp > 1 and not self.gradient_as_bucket_view else 0
+        return StateBytes(weights=4 * n_params, grads=4 * n_params, optimizer=8 * n_params, buffers=copy)
 
     def build(self, inputs: EngineInputs) -> DDPEngine:
         i = inputs

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from comm.engine import EngineInputs, gather_rank_losses
+from comm.engine import EngineInputs, StateBytes, gather_rank_losses
 
 GRAD_ELEMENT_BYTES = 4  # the comm/bucket policy sizes buckets for fp32 gradients
 NATIVE_DIR = "deepspeed"  # DeepSpeed's own checkpoint, inside a fault.checkpoint step directory
@@ -175,6 +175,25 @@ class DeepSpeedConfig:
         if cfg.get("gradient_accumulation_steps", 1) != 1 or cfg.get("train_micro_batch_size_per_gpu", 1) != 1:
             out.append("the DeepSpeed JSON's batch sizes: train.micro_batch_size and train.grad_accum_steps decide")
         return out
+
+    def state_bytes(self, n_params: int, *, dp: int, compute_dtype: str, unit_params: int,
+                    bucket_bytes: int) -> StateBytes:
+        """ZeRO (Rajbhandari et al. 2020): with bf16 the module's weights are bf16 and the optimizer keeps fp32
+        master weights next to AdamW's moments (12 bytes per parameter), divided over dp from stage 1; gradients in
+        the weights' dtype, divided from stage 2 (plus the fp32 partition the optimizer steps on); weights divided
+        from stage 3. Buffers: the reduce bucket (and its contiguous-gradients copy), ZeRO-3's gathered prefetch."""
+        cfg = deep_merge(self.json_config(), self.json_overrides) if self.config_json else {}
+        zero = cfg.get("zero_optimization", {})
+        stage = zero.get("stage", 0) if self.config_json else self.zero_stage
+        bf16 = cfg.get("bf16", {}).get("enabled", False) if self.config_json else compute_dtype == "bf16"
+        pb = 2 if bf16 else 4
+        bucket = zero.get("reduce_bucket_size") or self.reduce_bucket_size or max(1, bucket_bytes // GRAD_ELEMENT_BYTES)
+        shard = lambda stage_from: dp if stage >= stage_from else 1  # noqa: E731
+        optimizer = ((4 if bf16 else 0) + 8) * n_params / shard(1)
+        grads = pb * n_params / shard(2) + (4 * n_params / dp if bf16 and stage in (1, 2) else 0)
+        buffers = (2 * bucket * pb if stage >= 1 else 0) + (2 * unit_params * pb if stage == 3 else 0)
+        return StateBytes(weights=pb * n_params / shard(3), grads=grads, optimizer=optimizer, buffers=buffers,
+                          param_bytes=pb)
 
     def build(self, inputs: EngineInputs) -> DeepSpeedEngine:
         cfg, knobs, unhonoured = self.ds_config(inputs)

@@ -39,6 +39,28 @@ class EngineInputs:
     make_optimizer: Callable[[nn.Module], tuple[torch.optim.Optimizer, Any]] | None = None
 
 
+@dataclass(frozen=True)
+class StateBytes:
+    """What one rank of an engine holds besides activations, in bytes: weights, gradients, optimizer state (incl.
+    fp32 master weights) and the engine's own buffers (unshared buckets, gathered parameters, prefetch). Engine
+    configs return it from ``state_bytes`` (AdamW: two fp32 moments per parameter; Rajbhandari et al. 2020 for
+    what each ZeRO stage divides by the data-parallel size); ``param_bytes`` is the dtype the forward reads the
+    weights in (the residual stream's dtype)."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    buffers: float = 0.0
+    param_bytes: int = 4
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.buffers
+
+    def as_dict(self) -> dict[str, float]:
+        return {"weights": self.weights, "grads": self.grads, "optimizer": self.optimizer, "buffers": self.buffers}
+
+
 class Engine(Protocol):
     knobs: dict[str, Any]  # the engine's own settings, as used (bucket sizes, overlap flags, ZeRO stage...)
     unhonoured: list[str]  # chuanliu settings this engine could not apply, one sentence each

@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from comm.engine import EngineInputs, TorchOptimizerEngine, gather_rank_losses
+from comm.engine import EngineInputs, StateBytes, TorchOptimizerEngine, gather_rank_losses
 
 
 @dataclass(kw_only=True)
@@ -41,6 +41,18 @@ class FSDP2Config:
     def __post_init__(self) -> None:
         if self.layers_per_unit < 1:
             raise ValueError(f"engine.layers_per_unit={self.layers_per_unit} must be >= 1")
+
+    def state_bytes(self, n_params: int, *, dp: int, compute_dtype: str, unit_params: int,
+                    bucket_bytes: int) -> StateBytes:
+        """fp32 weights, gradients and AdamW moments sharded over dp; during forward and backward a unit's
+        parameters are gathered whole (the current unit and the prefetched next one) and its gradients are whole
+        until reduce-scattered; without reshard_after_forward every unit stays gathered from forward to backward."""
+        units = self.layers_per_unit * unit_params
+        gathered = 0 if dp == 1 else 4 * (2 * units + units)
+        if not self.reshard_after_forward and dp > 1:
+            gathered += 4 * n_params * (1 - 1 / dp)
+        return StateBytes(weights=4 * n_params / dp, grads=4 * n_params / dp, optimizer=8 * n_params / dp,
+                          buffers=gathered)
 
     def build(self, inputs: EngineInputs) -> FSDP2Engine:
         return FSDP2Engine(inputs, self)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from comm.engine import EngineInputs, TorchOptimizerEngine, gather_rank_losses
+from comm.engine import EngineInputs, StateBytes, TorchOptimizerEngine, gather_rank_losses
 from comm.megatron_cpu import cpu_bridges
 
 
@@ -47,6 +47,13 @@ class MegatronConfig:
     grad_reduce_in_fp32: bool = True  # accumulate and all-reduce gradients in fp32 (bf16/fp16 parameters)
     average_in_collective: bool = False  # ReduceOp.AVG instead of pre-scaling by 1/world + SUM (NCCL only)
     use_distributed_optimizer: bool = False  # megatron's ZeRO-1 optimizer: needs CUDA and megatron's optimizer
+
+    def state_bytes(self, n_params: int, *, dp: int, compute_dtype: str, unit_params: int,
+                    bucket_bytes: int) -> StateBytes:
+        """fp32 weights and AdamW moments; the contiguous main_grad buffer (fp32 with grad_reduce_in_fp32) whose
+        buckets are views of it."""
+        grad = 4 if self.grad_reduce_in_fp32 or compute_dtype == "fp32" else 2
+        return StateBytes(weights=4 * n_params, grads=grad * n_params, optimizer=8 * n_params)
 
     def build(self, inputs: EngineInputs) -> MegatronEngine:
         return MegatronEngine(inputs, self)

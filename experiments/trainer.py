@@ -39,14 +39,15 @@ from comm.slowlink import LinkConfig, SlowLink
 from comm.topology import TopologyConfig, build_groups, discover_topology
 from experiments.config import ConfigError, plain, typed
 from experiments.dist import DistInfo, dist_info
+from experiments.memory import check_fits, estimate_memory
 from fault.chaos import Chaos, ChaosConfig
 from fault.checkpoint import CheckpointConfig, CheckpointManager, Loaded, rng_state, set_rng_state
 from fault.events import EventLog, restart_count
 from fault.watchdog import ComputeTimer, FaultDetected, Watchdog, WatchdogConfig, check_losses, install_stop_handler
 from systems import capabilities
 from systems.data import DataConfig, build_data, resolve_cache_dir
-from systems.fusion import FusionConfig
-from systems.memory import SavedTensorMeter, peak_memory_fn, total_memory_bytes
+from systems.fusion import FusionConfig, resolve
+from systems.memory import SavedTensorMeter, peak_memory_fn
 from systems.model import ModelConfig, build_model, count_parameters
 from systems.optim import OptimConfig, build_optimizer, build_scheduler
 from systems.precision import Precision
@@ -138,17 +139,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_fits(model_cfg: ModelConfig, device: torch.device) -> None:
-    """Refuse a model whose fp32 weights, grads and AdamW state alone exceed the device's memory."""
-    n = total_params(n_layers=model_cfg.n_layers, dim=model_cfg.dim, ffn_dim=model_cfg.ffn_dim,
-                     vocab_size=model_cfg.vocab_size)
-    need, have = 16 * n, total_memory_bytes(device)  # 4 B weight + 4 B grad + 8 B Adam moments
-    if need > have:
-        raise ConfigError(f"model {model_cfg.name} ({n / 1e9:.2f}B parameters) needs {need / 2**30:.0f} GiB for "
-                          f"fp32 weights, gradients and AdamW state, more than this {device.type}'s "
-                          f"{have / 2**30:.0f} GiB; pick a smaller model (model=tiny or model=small)")
-
-
 def measure_peak(hw: HardwareConfig, device: torch.device, dtype: str, info: DistInfo) -> Peak:
     if hw.peak_tflops is not None:
         return Peak(hw.peak_tflops * 1e12, _device_name(device), dtype, "override",
@@ -224,7 +214,13 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
 
     device = pick_device(train, info)
     precision.check(device.type)
-    check_fits(model_cfg, device)
+    # Refuse what cannot fit before allocating anything (the kernels are resolved as apply_fusion will).
+    memory = estimate_memory(
+        model_cfg, seq=train.seq_len, micro_batch=train.micro_batch_size, splitting=splitting,
+        kernels=resolve(fusion, device.type, precision.compute_dtype, splitting.refused_kernels()),
+        compute_dtype=precision.compute_dtype, engine_cfg=engine_cfg, dp=info.world_size,
+        bucket_bytes=int(bucket_cfg.bucket_cap_mb * 2**20))
+    check_fits(memory, model_cfg, device)
     precision.setup(device.type)
     seed_everything(train.seed)
     tokenizer, loader = build_data(data_cfg, seq_len=train.seq_len, micro_batch_size=train.micro_batch_size,
@@ -275,7 +271,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         "capabilities": capabilities.summary(),
         "topology": topology.describe() if topology else "1 rank", "comm_algorithm": algorithm.name,
         "overlap": overlap.enabled, "bucket": bucket.as_dict(), "engine": engine.knobs,
-        "engine_unhonoured": engine.unhonoured,
+        "engine_unhonoured": engine.unhonoured, "memory_estimate": memory.as_dict(),
     }
     sinks = []
     if info.is_main:

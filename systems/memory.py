@@ -72,3 +72,85 @@ class SavedTensorMeter:
         self.last_bytes = sum(self._seen.values())
         self.peak_bytes = max(self.peak_bytes, self.last_bytes)
         self._seen = {}
+
+
+# ---- estimate ---------------------------------------------------------------------------------------------------
+# Bytes per element of what the forward saves. The residual stream, the norms' statistics and the loss's softmax
+# are fp32 whatever the compute dtype (the model keeps fp32 weights; rms_norm and the loss upcast).
+_COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
+
+
+def activation_estimate(cfg, *, seq: int, micro_batch: int, kernels: dict[str, str], splitting,
+                        compute_dtype: str = "fp32", param_bytes: int = 4) -> dict[str, float]:
+    """Bytes autograd keeps from one micro-batch's forward until its backward, per part of the model, derived the
+    way Korthikanti et al. (2022, sec. 4) derive their 34sbh + 5as^2b for GPT: every tensor each operator saves,
+    here for this architecture and for what each technique changes (RMSNorm's fp32 statistics instead of
+    LayerNorm and dropout masks, RoPE, SwiGLU's three ffn-wide tensors, the fp32 logits, the copies autocast makes
+    of inputs and weights, the fused kernels' smaller saves, and what recomputation and chunking keep). A view
+    counts as the tensor it views (v is a view of the fused QKV output), as the saved-tensor meter counts storage.
+
+    ``cfg`` is a systems.model.ModelConfig, ``kernels`` what systems.fusion.resolve chose per operator,
+    ``splitting`` a systems.splitting.SplittingConfig. ``param_bytes``: the dtype the weights (and so the
+    embedding output and residual stream) are held in; 2 for an engine that trains bf16 weights (DeepSpeed bf16).
+    Returns the parts and ``total``. ``transient`` is not saved: the largest temporary the loss adds on top at its
+    peak (logits, their fp32 copy and gradient), part of a device's peak memory but not of the meter's count.
+    """
+    a = _COMPUTE_BYTES[compute_dtype]  # linear outputs (autocast dtype)
+    r = param_bytes  # residual stream, norm outputs
+    autocast = a != r  # linears then save a cast copy of their input and of their weight
+    lin_in = 1 if compute_dtype == "fp8" else a  # torchao's Float8Linear saves its input (and weight) in fp8
+    bt, c, f, v, h = micro_batch * seq, cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.n_heads
+    btc, btf = bt * c, bt * f
+    fused_norm = kernels.get("rmsnorm", "eager") != "eager"
+    fused_act = kernels.get("swiglu", "eager") != "eager"
+    eager_core = kernels.get("attention", "eager") == "eager"
+
+    def norm() -> float:  # the norm's own saves; its output y is saved (or cast) by its consumers
+        if fused_norm:  # compiled / Liger: input and 1/rms, the normalised x recomputed in backward
+            return btc * r + bt * 4
+        return btc * 4 + bt * 4 + btc * r  # fp32 input, 1/rms, the normalised x (y = weight * x saves x)
+
+    def inputs_of(linears: int) -> float:  # what the consuming linears save of a norm's output y (bt x c)
+        return linears * btc * lin_in if autocast else btc * r
+
+    layer = 2 * norm()
+    # Attention: W_pack's input, then q and k after RoPE (2 btc) and v, a view of the (b, t, 3c) W_pack output.
+    layer += inputs_of(1)
+    if splitting.recompute_layers:
+        layer = btc * r  # full recomputation keeps each layer's input only
+    else:
+        if autocast:
+            layer += 2 * seq * (c // h) * a  # RoPE's cos and sin cast to the compute dtype
+        core_inputs = 2 * btc * a + 3 * btc * a  # q, k rotated; v as the whole qkv storage
+        if splitting.recompute_attention:
+            layer += core_inputs + btc * a  # the checkpoint's inputs; o_proj's input (the core's output)
+        elif eager_core:  # q, k, a contiguous copy of v, the mask, fp32 probabilities (+ their cast), o_proj input
+            layer += 3 * btc * a + seq * seq + bt * h * seq * (4 + (a if a != 4 else 0)) + btc * a
+        else:  # sdpa / flash: q, k, v, output (o_proj reads it as a view), log-sum-exp per row
+            layer += core_inputs + btc * a + bt * h * 4
+        # MLP: gate, up, silu(gate) and their product (the fused kernels recompute silu), or only its input.
+        if splitting.tiled_mlp or splitting.recompute_mlp:
+            layer += btc * r
+        else:
+            layer += inputs_of(2) + (3 if fused_act else 4) * btf * a - (btf * (a - lin_in))  # down saves its input
+    # Autocast's weight copies, unless made inside a recomputed region (then they are made again in backward).
+    mlp_recomputed = splitting.tiled_mlp or splitting.recompute_mlp or splitting.recompute_layers
+    weights = (0 if splitting.recompute_layers else 4 * c * c) + (0 if mlp_recomputed else 3 * c * f)
+    parts = {"layers": cfg.n_layers * layer, "autocast_weights": cfg.n_layers * weights * lin_in if autocast else 0,
+             # token ids and targets; RoPE's tables, saved as views of the model's buffers without autocast
+             "embedding": 2 * bt * 8 + (2 * cfg.max_seq_len * (c // h) * 4
+                                          if splitting.recompute_layers or not autocast else 0),
+             "final_norm": norm()}
+    loss_kernel = kernels.get("loss", "eager")
+    if splitting.chunked_ce:  # each chunk's checkpoint keeps its slice of y; the logits exist one chunk at a time
+        chunk = min(splitting.ce_chunk_tokens, bt)
+        parts["loss"] = btc * r
+        parts["transient"] = chunk * v * (a + 4 + 4)
+    elif loss_kernel == "liger":  # gradients computed in forward: dL/dhidden kept, dL/dW accumulated
+        parts["loss"] = btc * a + v * c * r
+        parts["transient"] = min(bt, 4096) * v * (a + 4)  # Liger's internal chunk of logits
+    else:  # lm_head's input (+ casts of it and of the weight), the fp32 log-probabilities
+        parts["loss"] = inputs_of(1) + (v * c * a if autocast else 0) + bt * v * 4
+        parts["transient"] = bt * v * (a if autocast else 0) + 2 * bt * v * 4  # logits, their fp32 grad
+    parts["total"] = sum(v for k, v in parts.items() if k != "transient")
+    return parts

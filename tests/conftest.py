@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(tmp_path_factory):
@@ -20,3 +21,13 @@ def _isolated_env(tmp_path_factory):
     yield root
     os.environ.clear()
     os.environ.update(saved)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests run where CUDA is (`make gpu-check` selects them with -m gpu) and skip elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (skipped, never faked)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -148,7 +148,7 @@ def test_cpu_bridge_is_applied_only_within_its_scope():
     assert param_and_grad_buffer.torch is torch
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: on a GPU the bridge must patch nothing")
+@pytest.mark.gpu  # on a GPU the bridge must patch nothing
 def test_cpu_bridge_does_nothing_with_cuda():
     from megatron.core.distributed import param_and_grad_buffer
 

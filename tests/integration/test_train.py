@@ -43,6 +43,10 @@ def test_summary_sets_the_run_beside_baichuan_7b(single_run):
     assert v["reference"]["tflops_per_gpu"] == 182.0 and v["reference"]["mfu"] == 0.583
     assert v["achieved_mfu"] == s["median"]["perf/mfu/palm"] and "CPU" in v["meaning"]
     assert s["steps"] == STEPS and s["replicas"]["identical"]
+    # The memory estimate made before anything was allocated, against the meter's count of what autograd saved.
+    est = env["memory_estimate"]
+    assert abs(est["activations"]["total"] / s["median"]["mem/activation_bytes"] - 1) < 0.02, est
+    assert est["states"]["weights"] == 4 * env["parameters"] and est["total_bytes"] > est["activations"]["total"]
 
 
 def test_run_directory_holds_config_tokenizer_and_offline_wandb(single_run):

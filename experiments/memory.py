@@ -1,0 +1,86 @@
+"""Will this run fit? Memory per rank before anything is allocated: the engine's states plus the activations.
+
+    estimate_memory(...)  the engine's weights, gradients, optimizer state and buffers (its config's
+                          ``state_bytes``: ZeRO stage, FSDP2 sharding over the data-parallel size) plus one
+                          micro-batch's saved activations (systems.memory.activation_estimate, Korthikanti et al.'s
+                          per-operator count for this model, fusion, splitting and precision) plus the largest
+                          temporary of forward or backward
+    check_fits(...)       refuses only a run that cannot fit on the device, saying by how much and what would
+
+The estimate lands in summary.json (``memory_estimate``) next to the measured peak, so every run checks it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from analysis.flops import total_params
+from experiments.config import ConfigError
+from systems.memory import activation_estimate, total_memory_bytes
+from systems.model import ModelConfig
+
+GIB = 2**30
+# Of the device's memory, what the estimate may fill: the CUDA context, cuBLAS/cuDNN workspaces and the caching
+# allocator's fragmentation sit outside torch's allocated bytes (a few GiB on an 80 GB card).
+USABLE_FRACTION = 0.92
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    states: dict[str, float]  # weights, grads, optimizer, buffers
+    activations: dict[str, float]  # systems.memory.activation_estimate's parts (one micro-batch)
+    transient: float  # the largest temporary on top at the peak (loss logits and gradients, a layer's backward)
+
+    @property
+    def total(self) -> float:
+        return sum(self.states.values()) + self.activations["total"] + self.transient
+
+    def as_dict(self) -> dict:
+        return {"total_bytes": self.total, "states": self.states, "activations": self.activations,
+                "transient_bytes": self.transient, "total_gib": round(self.total / GIB, 3)}
+
+    def describe(self) -> str:
+        s, a = self.states, self.activations
+        return (f"{self.total / GIB:.1f} GiB = weights {s['weights'] / GIB:.1f} + grads {s['grads'] / GIB:.1f} + "
+                f"optimizer {s['optimizer'] / GIB:.1f} + engine buffers {s['buffers'] / GIB:.1f} + activations "
+                f"{a['total'] / GIB:.1f} + temporaries {self.transient / GIB:.1f}")
+
+
+def estimate_memory(model_cfg: ModelConfig, *, seq: int, micro_batch: int, kernels: dict[str, str], splitting,
+                    compute_dtype: str, engine_cfg, dp: int, bucket_bytes: int) -> MemoryEstimate:
+    n = total_params(n_layers=model_cfg.n_layers, dim=model_cfg.dim, ffn_dim=model_cfg.ffn_dim,
+                     vocab_size=model_cfg.vocab_size)
+    layer = 4 * model_cfg.dim**2 + 3 * model_cfg.dim * model_cfg.ffn_dim + 2 * model_cfg.dim
+    states = engine_cfg.state_bytes(n, dp=dp, compute_dtype=compute_dtype, unit_params=layer,
+                                    bucket_bytes=bucket_bytes)
+    acts = activation_estimate(model_cfg, seq=seq, micro_batch=micro_batch, kernels=kernels, splitting=splitting,
+                               compute_dtype=compute_dtype, param_bytes=states.param_bytes)
+    return MemoryEstimate(states=states.as_dict(), activations=acts,
+                          transient=max(acts["transient"], _backward_working_set(model_cfg, seq * micro_batch,
+                                                                                 splitting, compute_dtype)))
+
+
+def _backward_working_set(cfg: ModelConfig, tokens: int, splitting, compute_dtype: str) -> float:
+    """One layer's backward: the gradients flowing through the MLP (three ffn-wide) and the residual stream, plus,
+    under full recomputation, the layer's own activations made again (about what an unsplit layer saves)."""
+    a = 2 if compute_dtype in ("bf16", "fp16", "fp8") else 4
+    work = 3 * tokens * cfg.ffn_dim * a + 4 * tokens * cfg.dim * 4
+    if splitting.recompute_layers:
+        work += tokens * (14 * cfg.dim * a + 4 * cfg.ffn_dim * a)
+    return work
+
+
+def check_fits(estimate: MemoryEstimate, model_cfg: ModelConfig, device: torch.device, *,
+               capacity: int | None = None) -> None:
+    """Refuse a run whose estimate exceeds the device, with the parts, the excess and the ways to shrink it."""
+    have = capacity if capacity is not None else total_memory_bytes(device)
+    usable = USABLE_FRACTION * have
+    if estimate.total <= usable:
+        return
+    name = "GPU" if device.type == "cuda" else "machine's RAM"
+    raise ConfigError(
+        f"model {model_cfg.name} needs about {estimate.describe()} per rank, {(estimate.total - usable) / GIB:.1f} "
+        f"GiB more than the {usable / GIB:.0f} GiB usable of this {name} ({have / GIB:.0f} GiB). Shard the states "
+        "over more ranks (engine=fsdp2 or engine=deepspeed_zero3), recompute activations (splitting=full_recompute),"
+        " lower train.micro_batch_size, or pick a smaller model (model=tiny or model=small)")
