@@ -4,6 +4,10 @@ The loop builds ``EngineInputs`` once and hands them to the selected engine conf
 only calls the methods of ``Engine`` below, never the engine's name. Each engine maps chuanliu's communication
 policies onto its own knobs (``knobs``: what it used, logged at start-up and stored in ``summary.json``) and says
 which it cannot honour (``unhonoured``), so a comparison never silently runs something else than it claims.
+
+An engine config has two methods: ``build(EngineInputs) -> Engine`` and ``state_bytes(n_params, *, dp,
+compute_dtype, unit_params, bucket_bytes) -> StateBytes``, what one rank will hold, which the memory estimate
+(experiments/memory.py) adds to the activations before anything is allocated.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from analysis.flops import Recompute, flops_per_token, matmul_params, total_params
+from analysis.flops import Recompute, flops_per_token, matmul_params
 from analysis.metrics import MetricsProcessor
 from analysis.peaks import Peak, calibrate_cpu_peak, cpu_name, gpu_peak
 from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
