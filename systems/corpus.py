@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import fcntl
+import json
 import logging
 import os
 import random
@@ -44,114 +45,20 @@ RARE_CHAR_RANGE = (0x3400, 0x4DBF)
 # "MB" here is 10**6 bytes.
 _BYTES_PER_MB = 1_000_000
 
-# ---------------------------------------------------------------------------------------------------------
-# Word lists (our own, written for this generator).
-# ---------------------------------------------------------------------------------------------------------
+# Word lists (our own, written for this generator): data, in corpus_words.json beside this file, each list
+# described there. Rows become tuples, as the templates unpack them.
+_LISTS = json.loads((Path(__file__).with_name("corpus_words.json")).read_text(encoding="utf-8"))
 
-# (Chinese, English) word pairs for the bilingual word lists.
-_WORDS = [
-    ("苹果", "apple"), ("香蕉", "banana"), ("橙子", "orange"), ("葡萄", "grape"), ("西瓜", "watermelon"),
-    ("梨", "pear"), ("桃子", "peach"), ("草莓", "strawberry"), ("米饭", "rice"), ("面包", "bread"),
-    ("牛奶", "milk"), ("鸡蛋", "egg"), ("水", "water"), ("茶", "tea"), ("咖啡", "coffee"), ("猫", "cat"),
-    ("狗", "dog"), ("鸟", "bird"), ("鱼", "fish"), ("马", "horse"), ("牛", "cow"), ("羊", "sheep"),
-    ("猪", "pig"), ("兔子", "rabbit"), ("老虎", "tiger"), ("熊猫", "panda"), ("大象", "elephant"),
-    ("猴子", "monkey"), ("书", "book"), ("笔", "pen"), ("纸", "paper"), ("桌子", "table"), ("椅子", "chair"),
-    ("门", "door"), ("窗户", "window"), ("房子", "house"), ("学校", "school"), ("医院", "hospital"),
-    ("商店", "shop"), ("银行", "bank"), ("公园", "park"), ("图书馆", "library"), ("火车", "train"),
-    ("汽车", "car"), ("飞机", "airplane"), ("船", "boat"), ("自行车", "bicycle"), ("路", "road"),
-    ("桥", "bridge"), ("河", "river"), ("山", "mountain"), ("湖", "lake"), ("海", "sea"), ("天空", "sky"),
-    ("太阳", "sun"), ("月亮", "moon"), ("星星", "star"), ("雨", "rain"), ("雪", "snow"), ("风", "wind"),
-    ("云", "cloud"), ("树", "tree"), ("花", "flower"), ("草", "grass"), ("石头", "stone"), ("红色", "red"),
-    ("蓝色", "blue"), ("绿色", "green"), ("黄色", "yellow"), ("白色", "white"), ("黑色", "black"),
-    ("大", "big"), ("小", "small"), ("高", "tall"), ("长", "long"), ("短", "short"), ("快", "fast"),
-    ("慢", "slow"), ("热", "hot"), ("冷", "cold"), ("新", "new"), ("旧", "old"), ("好", "good"),
-    ("早上", "morning"), ("晚上", "evening"), ("今天", "today"), ("明天", "tomorrow"), ("昨天", "yesterday"),
-    ("星期", "week"), ("月", "month"), ("年", "year"), ("时间", "time"), ("朋友", "friend"),
-    ("老师", "teacher"), ("学生", "student"), ("医生", "doctor"), ("工程师", "engineer"), ("农民", "farmer"),
-    ("厨师", "cook"), ("司机", "driver"), ("妈妈", "mother"), ("爸爸", "father"), ("孩子", "child"),
-    ("手", "hand"), ("眼睛", "eye"), ("头", "head"), ("心", "heart"), ("吃", "eat"), ("喝", "drink"),
-    ("走", "walk"), ("跑", "run"), ("读", "read"), ("写", "write"), ("看", "look"), ("听", "listen"),
-    ("说", "speak"), ("买", "buy"), ("卖", "sell"), ("开", "open"), ("关", "close"), ("学习", "study"),
-    ("工作", "work"), ("睡觉", "sleep"), ("音乐", "music"), ("电脑", "computer"), ("手机", "phone"),
-    ("钱", "money"), ("城市", "city"), ("国家", "country"), ("世界", "world"), ("东", "east"),
-    ("南", "south"), ("西", "west"), ("北", "north"), ("春天", "spring"), ("夏天", "summer"),
-    ("秋天", "autumn"), ("冬天", "winter"), ("衣服", "clothes"), ("鞋", "shoes"), ("帽子", "hat"),
-]
-# Foods for shopping lists: (Chinese, English singular, English plural, unit price in yuan).
-_FOODS = [
-    ("苹果", "apple", "apples", 3.5), ("香蕉", "banana", "bananas", 2.0), ("橙子", "orange", "oranges", 4.0),
-    ("梨", "pear", "pears", 3.0), ("桃子", "peach", "peaches", 5.5),
-    ("面包", "loaf of bread", "loaves of bread", 8.0), ("牛奶", "bottle of milk", "bottles of milk", 6.5),
-    ("鸡蛋", "egg", "eggs", 1.2), ("西瓜", "watermelon", "watermelons", 12.0),
-    ("土豆", "potato", "potatoes", 1.5), ("西红柿", "tomato", "tomatoes", 2.5),
-    ("黄瓜", "cucumber", "cucumbers", 2.0), ("茶叶", "bag of tea", "bags of tea", 15.0),
-    ("大米", "bag of rice", "bags of rice", 25.0),
-]
-# Jobs: (Chinese, English).
-_JOBS = [
-    ("老师", "teacher"), ("医生", "doctor"), ("工程师", "engineer"), ("农民", "farmer"), ("厨师", "cook"),
-    ("司机", "driver"), ("面包师", "baker"), ("护士", "nurse"), ("作家", "writer"), ("画家", "painter"),
-    ("飞行员", "pilot"), ("音乐家", "musician"), ("警察", "police officer"), ("木匠", "carpenter"),
-]
-# Pets: (Chinese, Chinese measure word, English singular, English plural).
-_PETS = [
-    ("猫", "只", "cat", "cats"), ("狗", "只", "dog", "dogs"), ("鸟", "只", "bird", "birds"),
-    ("鱼", "条", "fish", "fish"), ("兔子", "只", "rabbit", "rabbits"), ("马", "匹", "horse", "horses"),
-]
-# Products a city is famous for: (Chinese, English).
-_PRODUCTS = [
-    ("茶", "tea"), ("丝绸", "silk"), ("瓷器", "porcelain"), ("纸", "paper"), ("葡萄", "grapes"),
-    ("鱼", "fish"), ("盐", "salt"), ("铁", "iron"), ("木材", "timber"), ("米", "rice"), ("羊毛", "wool"),
-    ("桥", "bridges"), ("钟表", "clocks"), ("音乐", "music"), ("面条", "noodles"), ("花", "flowers"),
-]
-# Surnames and given-name characters: (Chinese, pinyin).
-_SURNAMES = [
-    ("王", "Wang"), ("李", "Li"), ("张", "Zhang"), ("刘", "Liu"), ("陈", "Chen"), ("杨", "Yang"),
-    ("黄", "Huang"), ("赵", "Zhao"), ("吴", "Wu"), ("周", "Zhou"), ("徐", "Xu"), ("孙", "Sun"), ("马", "Ma"),
-    ("朱", "Zhu"), ("胡", "Hu"), ("郭", "Guo"), ("何", "He"), ("林", "Lin"), ("高", "Gao"), ("罗", "Luo"),
-]
-_GIVEN = [
-    ("伟", "wei"), ("芳", "fang"), ("娜", "na"), ("敏", "min"), ("静", "jing"), ("丽", "li"), ("强", "qiang"),
-    ("磊", "lei"), ("军", "jun"), ("洋", "yang"), ("勇", "yong"), ("艳", "yan"), ("杰", "jie"), ("涛", "tao"),
-    ("明", "ming"), ("超", "chao"), ("秀", "xiu"), ("霞", "xia"), ("平", "ping"), ("刚", "gang"),
-    ("华", "hua"), ("梅", "mei"), ("兰", "lan"), ("松", "song"), ("云", "yun"), ("文", "wen"),
-    ("亮", "liang"),
-]
-# Syllables for made-up place names: (Latin spelling, Chinese transliteration).
-_SYLLABLES = [
-    ("Ka", "卡"), ("Lo", "洛"), ("Mi", "米"), ("Ra", "拉"), ("Ten", "滕"), ("Vor", "沃"), ("Sel", "塞"),
-    ("Dun", "敦"), ("Bel", "贝"), ("Ar", "阿"), ("Nor", "诺"), ("Qui", "奎"), ("Tal", "塔"), ("Fen", "芬"),
-    ("Gor", "戈"), ("Hal", "哈"), ("Jin", "金"), ("Mar", "玛"), ("Pel", "佩"), ("Ros", "罗"), ("San", "桑"),
-    ("Ves", "维"), ("Wen", "温"), ("Yor", "约"), ("Zan", "赞"), ("Lin", "林"), ("Dor", "多"), ("Ek", "埃"),
-    ("Ol", "奥"), ("Ul", "乌"), ("Bra", "布"), ("Cor", "科"), ("Tir", "蒂"), ("Nes", "内"), ("Ha", "哈"),
-]
-# Units: (English, symbol, Chinese, factor to the smaller unit, smaller unit English, symbol, Chinese).
-_UNITS = [
-    ("kilometres", "km", "公里", 1000, "metres", "m", "米"),
-    ("metres", "m", "米", 100, "centimetres", "cm", "厘米"),
-    ("centimetres", "cm", "厘米", 10, "millimetres", "mm", "毫米"),
-    ("kilograms", "kg", "公斤", 1000, "grams", "g", "克"),
-    ("litres", "L", "升", 1000, "millilitres", "mL", "毫升"),
-    ("hours", "h", "小时", 60, "minutes", "min", "分钟"),
-    ("minutes", "min", "分钟", 60, "seconds", "s", "秒"),
-    ("days", "d", "天", 24, "hours", "h", "小时"),
-    ("weeks", "wk", "星期", 7, "days", "d", "天"),
-]
-_COLORS = [("红色", "red"), ("蓝色", "blue"), ("绿色", "green"), ("黄色", "yellow"), ("白色", "white"),
-           ("黑色", "black"), ("灰色", "grey"), ("紫色", "purple")]
-_MATERIALS = [("木头", "wooden"), ("金属", "metal"), ("玻璃", "glass"), ("塑料", "plastic"), ("纸", "paper"),
-              ("石头", "stone")]
-_OBJECTS = [("盒子", "box"), ("杯子", "cup"), ("桌子", "table"), ("包", "bag"), ("瓶子", "bottle"),
-            ("椅子", "chair"), ("灯", "lamp"), ("钟", "clock"), ("篮子", "basket"), ("箱子", "crate")]
-_DIRECTIONS = [("北", "north"), ("南", "south"), ("东", "east"), ("西", "west")]
-_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
-           "October", "November", "December"]
-_WEEKDAYS_EN = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-_WEEKDAYS_ZH = ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]
-_ZH_DIGITS = "零一二三四五六七八九"
-_EN_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-            "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
-_EN_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+def _rows(name: str) -> list:
+    return [tuple(row) if isinstance(row, list) else row for row in _LISTS[name]]
+
+
+_WORDS, _FOODS, _JOBS, _PETS, _PRODUCTS = (_rows(k) for k in ("words", "foods", "jobs", "pets", "products"))
+_SURNAMES, _GIVEN, _SYLLABLES, _UNITS = (_rows(k) for k in ("surnames", "given", "syllables", "units"))
+_COLORS, _MATERIALS, _OBJECTS, _DIRECTIONS = (_rows(k) for k in ("colors", "materials", "objects", "directions"))
+_MONTHS, _WEEKDAYS_EN, _WEEKDAYS_ZH = (_rows(k) for k in ("months", "weekdays_en", "weekdays_zh"))
+_ZH_DIGITS, _EN_ONES, _EN_TENS = _LISTS["zh_digits"], _rows("en_ones"), _rows("en_tens")
 
 
 # ---------------------------------------------------------------------------------------------------------
