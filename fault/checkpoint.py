@@ -179,11 +179,16 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, on_chunk: Callable[[int], None] | None = None) -> str:
+    """sha256 of a file, read in chunks; ``on_chunk(nbytes)`` after each (a save reports its progress)."""
+    if on_chunk is None:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(CHUNK):
             h.update(chunk)
+            on_chunk(len(chunk))
     return h.hexdigest()
 
 
@@ -237,12 +242,7 @@ class SaveIO:
                 _fsync_dir(d)
 
     def sha256(self, path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                self.report(len(chunk), f"sha256 {path.name}")
-        return h.hexdigest()
+        return file_sha256(path, lambda n: self.report(n, f"sha256 {path.name}"))
 
 
 class _HashingStream(io.RawIOBase):

@@ -12,8 +12,8 @@ python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 stamp="$venv/.chuanliu-installed${extras:+-$extras}"
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt "$0" ]; then exit 0; fi
 
-"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-    || { echo "chuanliu needs Python >= 3.10; set PYTHON=/path/to/python3.11" >&2; exit 1; }
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { echo "chuanliu needs Python >= 3.11; set PYTHON=/path/to/python3.11" >&2; exit 1; }
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
 export DS_BUILD_OPS="${DS_BUILD_OPS:-0}"  # DeepSpeed without prebuilt C++ ops: ZeRO with torch's AdamW needs none

@@ -96,7 +96,7 @@ class Tokenizer:
     @property
     def fingerprint(self) -> str:
         """sha256 of the model file, to tell whether two tokenizers are the same."""
-        return hashlib.sha256(self._path.read_bytes()).hexdigest()
+        return _sha256(self._path)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -138,18 +138,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tokenizer
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tokenizer_cache_key(files: list[Path], vocab_size: int) -> str:
     """Cache key: the files' contents (in order), vocab_size, sentencepiece version and RECIPE_VERSION."""
     payload = json.dumps({
-        "files": [_file_sha256(Path(f)) for f in files],
+        "files": [_sha256(Path(f)) for f in files],
         "vocab_size": vocab_size,
         "sentencepiece": spm.__version__,
         "recipe": RECIPE_VERSION,
