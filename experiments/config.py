@@ -49,6 +49,28 @@ def typed(node: DictConfig, key: str, cls: type[T] | None = None) -> T:
         raise ConfigError(str(e)) from None
 
 
+# Config groups whose options all build one dataclass: its defaults are the group's defaults, stored in Hydra's
+# ConfigStore as /schema/<name>; each option YAML starts from them (``defaults: [/schema/<name>@_here_, _self_]``)
+# and sets only what differs, and every key stays overridable from the command line.
+SCHEMAS = {
+    "comm_bucket": "comm.buckets.BucketConfig",
+    "fault_checkpoint": "fault.checkpoint.CheckpointConfig",
+    "splitting": "systems.splitting.SplittingConfig",
+    "fusion": "systems.fusion.FusionConfig",
+    "precision": "systems.precision.Precision",
+}
+
+
+def register_schemas() -> None:
+    from hydra.core.config_store import ConfigStore  # noqa: PLC0415
+
+    store = ConfigStore.instance()
+    for name, target in SCHEMAS.items():
+        # A plain node, not a structured one: values are checked by typed(), whose errors name the key.
+        node = {"_target_": target, **OmegaConf.to_container(OmegaConf.structured(get_class(target)))}
+        store.store(group="schema", name=name, node=node)
+
+
 def plain(node: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True)
 

@@ -161,6 +161,9 @@ def register_resolvers() -> None:
     for name, fn in {"chuanliu_stamp": _run_stamp, "chuanliu_rank0": _rank0_only,
                      "chuanliu_rank_suffix": _rank_suffix, "chuanliu_sweep_group": _sweep_group}.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
+    from experiments.config import register_schemas  # noqa: PLC0415  (the option YAMLs' defaults)
+
+    register_schemas()
 
 
 register_resolvers()
