@@ -19,31 +19,58 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Dense (no 2:4 sparsity) tensor-core TFLOPS from NVIDIA/AMD datasheets; fp32 is the non-tensor-core rate.
+# Dense (no 2:4 sparsity) tensor-core TFLOPS per GPU from the vendors' datasheets; fp32 is the non-tensor-core
+# rate. NVIDIA's datasheets print the sparse figure for tf32/bf16/fp16/fp8 (footnote "with sparsity"): halved here.
+# fp16 and fp8 are the rates with fp32 accumulation, which is what PyTorch's GEMMs and torch._scaled_mm use.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "a100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},  # SXM and PCIe alike
-    "a800": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},  # export A100: same compute
+    # A100 datasheet (SXM4 and PCIe, 40 and 80 GB alike); A800 is the export A100 (NVLink cut, same compute).
+    "a100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},
+    "a800": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},
+    # H100 datasheet, SXM5 and PCIe columns. H800 is the export H100 (NVLink 400 GB/s, FP64 cut), same
+    # tensor-core rates per form factor: H800 SXM = H100 SXM, H800 PCIe = H100 PCIe.
     "h100_sxm": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9},
     "h800": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9},  # SXM
-    "h100_pcie": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0, "fp8": 1513.0},
-    "h200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9},  # SXM
-    "h20": {"fp32": 44.0, "tf32": 74.0, "bf16": 148.0, "fp16": 148.0, "fp8": 296.0},
-    "l40s": {"fp32": 91.6, "tf32": 183.0, "bf16": 362.05, "fp16": 362.05, "fp8": 733.0},
-    "l4": {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0, "fp8": 242.0},
-    "a10": {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0},
-    "v100": {"fp32": 15.7, "fp16": 125.0},  # SXM2; no bf16 tensor cores
-    "b200": {"fp32": 80.0, "tf32": 1100.0, "bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0},
+    "h100_pcie": {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0, "fp8": 1513.0},
+    "h800_pcie": {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0, "fp8": 1513.0},
+    # H200 SXM and GH200 datasheets: the H100 SXM compute with more HBM (H200 NVL, lower clocks, is absent).
+    "h200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9},
+    "gh200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9},
+    "h20": {"fp32": 44.0, "tf32": 74.0, "bf16": 148.0, "fp16": 148.0, "fp8": 296.0},  # H20 datasheet
+    "l40s": {"fp32": 91.6, "tf32": 183.0, "bf16": 362.05, "fp16": 362.05, "fp8": 733.0},  # L40S datasheet
+    "l4": {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0, "fp8": 242.0},  # L4 datasheet
+    "a10": {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0},  # A10 datasheet
+    # V100 datasheet, per form factor; Volta has no bf16 tensor cores (bf16 is unknown, not fp16's figure).
+    "v100_sxm2": {"fp32": 15.7, "fp16": 125.0},
+    "v100_pcie": {"fp32": 14.0, "fp16": 112.0},
+    "v100s_pcie": {"fp32": 16.4, "fp16": 130.0},
+    # Ada Lovelace architecture whitepaper, appendix table for the RTX 4090: GeForce cards run fp16/bf16/fp8
+    # tensor cores at half rate with fp32 accumulation (bf16 165.2, fp16 165.2, fp8 330.3; tf32 82.6).
+    "rtx4090": {"fp32": 82.6, "tf32": 82.6, "bf16": 165.2, "fp16": 165.2, "fp8": 330.3},
+    # Blackwell per GPU: the "Individual Blackwell GPU Specifications" rows of NVIDIA's GB200 NVL72 / HGX B200
+    # specification table (with sparsity: fp8 10 / 9, fp16 and bf16 5 / 4.5, tf32 2.5 / 2.2 PFLOPS; fp32 80 / 75
+    # TFLOPS). A GB200 superchip's GPU is configurable up to 1.2 kW, an HGX B200 up to 1 kW: separate entries.
+    "b200": {"fp32": 75.0, "tf32": 1100.0, "bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0},
+    "gb200": {"fp32": 80.0, "tf32": 1250.0, "bf16": 2500.0, "fp16": 2500.0, "fp8": 5000.0},
+    # AMD Instinct MI300X datasheet (dense).
     "mi300x": {"fp32": 163.4, "tf32": 653.7, "bf16": 1307.4, "fp16": 1307.4, "fp8": 2614.9},
 }
 
-# torch.cuda.get_device_name() -> table key, first match wins. Variants with other clocks or memory
-# (H100 NVL, H200 NVL, A10G) are deliberately absent: they report unknown rather than a wrong peak.
+# torch.cuda.get_device_name() -> table key. Each pattern matches one product and excludes its neighbours
+# (word boundaries keep "B200" out of "NVIDIA GB200" and "H200" out of "NVIDIA GH200"; PCIe and NVL variants are
+# excluded explicitly), so the order of this list does not matter and device_key refuses a name two patterns
+# claim. Products with other clocks (H100 NVL, H200 NVL, A10G, RTX 4090 D, laptop parts, V100 SXM3) are
+# deliberately absent: they report unknown rather than a neighbour's peak. Names as torch reports them:
+# "NVIDIA A800-SXM4-80GB", "NVIDIA A100-PCIE-40GB", "NVIDIA H100 80GB HBM3" (SXM5), "NVIDIA H100 PCIe",
+# "NVIDIA H800" (SXM), "NVIDIA H800 PCIe", "NVIDIA GH200 480GB", "Tesla V100-SXM2-32GB", "AMD Instinct MI300X".
 _NAME_PATTERNS: list[tuple[str, str]] = [
-    (r"A800", "a800"), (r"A100", "a100"),
-    (r"H100.*PCIe", "h100_pcie"), (r"H100.*(HBM3|SXM)", "h100_sxm"), (r"H800", "h800"),
-    (r"H200(?!.*NVL)", "h200"), (r"\bH20\b", "h20"),
-    (r"L40S", "l40s"), (r"\bL4\b", "l4"), (r"\bA10\b", "a10"), (r"V100", "v100"),
-    (r"B200", "b200"), (r"MI300X", "mi300x"),
+    (r"\bA800\b", "a800"), (r"\bA100\b", "a100"),
+    (r"\bH100\b.*\bPCIe\b", "h100_pcie"), (r"\bH100\b(?!.*\b(PCIe|NVL)\b).*\b(HBM3|SXM\d?)\b", "h100_sxm"),
+    (r"\bH800\b.*\bPCIe\b", "h800_pcie"), (r"\bH800\b(?!.*\b(PCIe|NVL)\b)", "h800"),
+    (r"\bH200\b(?!.*\b(PCIe|NVL)\b)", "h200"), (r"\bGH200\b", "gh200"), (r"\bH20\b", "h20"),
+    (r"\bL40S\b", "l40s"), (r"\bL4\b", "l4"), (r"\bA10\b", "a10"),
+    (r"\bV100-SXM2\b", "v100_sxm2"), (r"\bV100-PCIE\b", "v100_pcie"), (r"\bV100S-PCIE\b", "v100s_pcie"),
+    (r"\bRTX 4090\s*$", "rtx4090"),
+    (r"\bB200\b", "b200"), (r"\bGB200\b", "gb200"), (r"\bMI300X\b", "mi300x"),
 ]
 
 BAICHUAN_7B = {"tflops_per_gpu": 182.0, "mfu": 0.583, "device": "a800", "dtype": "bf16",
@@ -51,11 +78,14 @@ BAICHUAN_7B = {"tflops_per_gpu": 182.0, "mfu": 0.583, "device": "a800", "dtype":
 
 
 def device_key(device_name: str) -> str | None:
-    """Table key for a device name such as 'NVIDIA A800-SXM4-80GB', or None when it is not in the table."""
-    for pattern, key in _NAME_PATTERNS:
-        if re.search(pattern, device_name, flags=re.IGNORECASE):
-            return key
-    return None
+    """Table key for a device name such as 'NVIDIA A800-SXM4-80GB', or None when it is not in the table.
+
+    None too, with a warning, when two patterns claim the name: a table bug must read as unknown, never as
+    whichever neighbour happens to come first."""
+    keys = [key for pattern, key in _NAME_PATTERNS if re.search(pattern, device_name, flags=re.IGNORECASE)]
+    if len(keys) > 1:
+        log.warning("device name %r matches several peak-table entries %s: treated as unknown", device_name, keys)
+    return keys[0] if len(keys) == 1 else None
 
 
 def table_peak_flops(key: str, dtype: str) -> float | None:

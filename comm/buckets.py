@@ -102,31 +102,39 @@ class BucketChoice:
 
 # ---------------------------------------------------------------- measuring the link
 
-def measure_alpha_beta(reduce: Callable[[torch.Tensor], None], sizes_bytes: list[int],
-                       iters: int) -> tuple[float, float]:
+def measure_alpha_beta(reduce: Callable[[torch.Tensor], None], sizes_bytes: list[int], iters: int,
+                       device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """Fit t = alpha + beta * bytes to timed in-place all-reduces of float32 tensors of each size.
 
     ``reduce`` is the collective the run will use (``comm.hierarchical.flat_all_reduce`` or a hook's own
-    reduce, so an emulated slow link is included). Each size is warmed up once, then timed ``iters`` times
-    (after a barrier when a process group exists). The fastest time counts: on a shared machine a pause only
-    ever adds time, so the minimum is the estimate least biased by noise, while a median of a few loaded samples
-    can make a bigger transfer look faster and the fitted slope vanish. Collective: every rank must call it, and
-    every rank gets the same pair (the element-wise maximum over ranks).
+    reduce, so an emulated slow link is included); ``device`` is where the gradients live, so the probe runs on
+    the backend that will reduce them (NCCL for CUDA tensors under "cpu:gloo,cuda:nccl", not gloo over TCP).
+    Each size is warmed up once, then timed ``iters`` times (after a barrier when a process group exists). The
+    fastest time counts: on a shared machine a pause only ever adds time, so the minimum is the estimate least
+    biased by noise, while a median of a few loaded samples can make a bigger transfer look faster and the
+    fitted slope vanish. Collective: every rank must call it, and every rank gets the same pair (the
+    element-wise maximum over ranks).
     """
-    fastest = [_fastest_reduce_s(reduce, n, iters) for n in sizes_bytes]
+    fastest = [_fastest_reduce_s(reduce, n, iters, device) for n in sizes_bytes]
     alpha, beta = _fit_nonnegative([float(n) for n in sizes_bytes], fastest)
-    return _agree_across_ranks(alpha, beta)
+    return _agree_across_ranks(alpha, beta, device)
 
 
-def _fastest_reduce_s(reduce: Callable[[torch.Tensor], None], n_bytes: int, iters: int) -> float:
-    tensor = torch.zeros(max(1, n_bytes // 4), dtype=torch.float32)  # zeros stay zeros however often summed
+def _fastest_reduce_s(reduce: Callable[[torch.Tensor], None], n_bytes: int, iters: int,
+                      device: torch.device) -> float:
+    # zeros stay zeros however often summed
+    tensor = torch.zeros(max(1, n_bytes // 4), dtype=torch.float32, device=device)
+    # CUDA work returns once queued: wait for it before each clock read, or only launches are timed.
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     reduce(tensor)  # warm-up: first-use allocations and connection set-up are not the link's cost
     times = []
     for _ in range(iters):
         if _distributed():
             dist.barrier()  # start together, so no rank's wait for a late peer counts as transfer time
+        sync()
         t0 = time.perf_counter()
         reduce(tensor)
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -152,11 +160,11 @@ def _fit_nonnegative(x: list[float], y: list[float]) -> tuple[float, float]:
     return alpha, beta
 
 
-def _agree_across_ranks(alpha: float, beta: float) -> tuple[float, float]:
+def _agree_across_ranks(alpha: float, beta: float, device: torch.device) -> tuple[float, float]:
     # Every rank must pick the same bucket size, or DDP's buckets (and collectives) would not match.
     if not _distributed():
         return alpha, beta
-    pair = torch.tensor([alpha, beta], dtype=torch.float64)
+    pair = torch.tensor([alpha, beta], dtype=torch.float64, device=device)  # NCCL alone refuses CPU tensors
     dist.all_reduce(pair, op=dist.ReduceOp.MAX)
     return float(pair[0]), float(pair[1])
 
@@ -206,12 +214,14 @@ def best_candidate(cfg: BucketConfig, *, grad_bytes: int, backward_s: float, alp
 
 def choose_bucket_bytes(cfg: BucketConfig, *, grad_elements: int, grad_element_bytes: int, world_size: int,
                         backward_s: float | None = None,
-                        reduce: Callable[[torch.Tensor], None] | None = None) -> BucketChoice:
+                        reduce: Callable[[torch.Tensor], None] | None = None,
+                        device: torch.device = torch.device("cpu")) -> BucketChoice:
     """The bucket size ``cfg.policy`` gives for this model and process group; logged with its reason.
 
     grad_elements: gradient elements DDP reduces (the trainable parameters); grad_element_bytes: their size
     (4 for fp32 gradients, 2 for bf16); world_size: the data-parallel size. cost_model only: backward_s, the
-    backward pass's time, and reduce, the in-place all-reduce to time (collective: every rank calls this).
+    backward pass's time, reduce, the in-place all-reduce to time (collective: every rank calls this), and
+    device, where the gradients live (the probe's tensors go there).
     """
     if cfg.policy not in _POLICY_FNS:
         raise ValueError(f"comm.bucket.policy={cfg.policy!r} is unknown; use one of {', '.join(POLICIES)}.")
@@ -220,7 +230,8 @@ def choose_bucket_bytes(cfg: BucketConfig, *, grad_elements: int, grad_element_b
                          f"grad_element_bytes={grad_element_bytes}, world_size={world_size}; pass positive "
                          "counts.")
     choice = _POLICY_FNS[cfg.policy](cfg, grad_elements=grad_elements, grad_element_bytes=grad_element_bytes,
-                                     world_size=world_size, backward_s=backward_s, reduce=reduce)
+                                     world_size=world_size, backward_s=backward_s, reduce=reduce,
+                                     device=device)
     log.info("gradient buckets: %s", choice.reason)
     return choice
 
@@ -246,7 +257,8 @@ def _gpu_count(cfg: BucketConfig, *, grad_element_bytes: int, world_size: int, *
 
 
 def _cost_model(cfg: BucketConfig, *, grad_elements: int, grad_element_bytes: int, world_size: int,
-                backward_s: float | None, reduce: Callable[[torch.Tensor], None] | None) -> BucketChoice:
+                backward_s: float | None, reduce: Callable[[torch.Tensor], None] | None,
+                device: torch.device) -> BucketChoice:
     if world_size == 1:
         raise ValueError("comm.bucket.policy=cost_model needs several processes to measure; use fixed.")
     if reduce is None:
@@ -255,7 +267,7 @@ def _cost_model(cfg: BucketConfig, *, grad_elements: int, grad_element_bytes: in
     if backward_s is None or not backward_s >= 0:
         raise ValueError(f"comm.bucket.policy=cost_model needs the backward time (backward_s={backward_s}); "
                          "pass a measured value >= 0 or use fixed.")
-    alpha, beta = measure_alpha_beta(reduce, [kb * 1024 for kb in cfg.probe_sizes_kb], cfg.probe_iters)
+    alpha, beta = measure_alpha_beta(reduce, [kb * 1024 for kb in cfg.probe_sizes_kb], cfg.probe_iters, device)
     grad_bytes = grad_elements * grad_element_bytes
     n, exposed = best_candidate(cfg, grad_bytes=grad_bytes, backward_s=backward_s, alpha_s=alpha,
                                 beta_s_per_byte=beta)

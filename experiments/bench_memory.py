@@ -29,7 +29,9 @@ SPLITTINGS = ("none", "selective_recompute", "full_recompute", "chunked_ce", "ti
 
 
 def load(group: str, name: str) -> dict:
-    return yaml.safe_load((CONF / group / f"{name}.yaml").read_text())
+    """An option YAML's own values (Hydra's ``defaults`` list and ``_target_`` dropped: the dataclass has the rest)."""
+    node = yaml.safe_load((CONF / group / f"{name}.yaml").read_text()) or {}
+    return {k: v for k, v in node.items() if k not in ("defaults", "_target_")}
 
 
 def measure(model_cfg: ModelConfig, splitting: SplittingConfig, fusion: FusionConfig, dtype: str,

@@ -244,12 +244,12 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     comm_hook, topology, reduce = None, None, flat_all_reduce
     if info.world_size > 1:  # collectives: every rank discovers and builds the same groups
         topology = discover_topology(topology_cfg)
-        comm_hook = build_comm_hook(algorithm, overlap, build_groups(topology), link)
+        comm_hook = build_comm_hook(algorithm, overlap, build_groups(topology), link, device)
         reduce = comm_hook[1].reduce if comm_hook else reduce  # the cost model times what training will run
     bucket = choose_bucket_bytes(
         bucket_cfg, grad_elements=n_params, grad_element_bytes=4,
         world_size=info.world_size, backward_s=estimate_backward_s(fpt, tokens_per_step // info.world_size, peak),
-        reduce=reduce)
+        reduce=reduce, device=device)
     engine = engine_cfg.build(EngineInputs(
         model=model, optimizer=optimizer, scheduler=scheduler, grad_clip=optim_cfg.grad_clip, device=device,
         scaler=precision.make_scaler(device.type), compute_dtype=precision.compute_dtype,

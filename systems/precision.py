@@ -4,21 +4,71 @@
     bf16   autocast to bfloat16
     fp16   autocast to float16 with dynamic loss scaling (torch.amp.GradScaler): a step whose gradients
            overflow is skipped and counted, and the scale backs off
-    fp8    bf16 autocast plus torchao's float8 training for the decoder's linear layers (CUDA, SM >= 8.9)
+    fp8    bf16 autocast plus torchao's float8 training for the decoder's linear layers (CUDA, SM >= 8.9):
+           ``fp8_selection`` names the nn.Linear modules that become Float8Linear and why the others do not
 
 The MFU peak follows ``peak_dtype``.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from systems import capabilities as caps
 
+log = logging.getLogger(__name__)
+
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+
+
+# torch._scaled_mm, behind torchao's Float8Linear, needs the weight's two dims (in and out features) divisible
+# by 16. The third GEMM dim, tokens, must be too: it is the inner dim of the weight-gradient GEMM (torchao's
+# Float8LinearConfig.pad_inner_dim, off by default, would pad it instead).
+FP8_ALIGNMENT = 16
+# The LM head's weight enters the loss through BaichuanForCausalLM.loss_fn (cross-entropy, chunked CE, Liger's
+# fused kernel), which reads lm_head.weight and never calls lm_head.forward: a Float8Linear there would never run.
+# Its logits feed the softmax, which torchtitan and others also keep out of fp8.
+# Matched on the last name component, so a wrapper's prefix ("module.", "_orig_mod.") does not let it through.
+FP8_EXCLUDED = {"lm_head": "the LM head: the loss reads lm_head.weight through loss_fn, never lm_head.forward, "
+                           "and its logits feed the softmax, kept in bf16"}
+
+
+@dataclass(frozen=True)
+class Fp8Selection:
+    """Which nn.Linear modules precision=fp8 turns into torchao Float8Linear, by fully-qualified name."""
+
+    converted: tuple[str, ...]  # fully-qualified names, in model.named_modules() order
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stays in bf16
+
+
+def fp8_skip_reason(fqn: str, module: nn.Linear) -> str | None:
+    """Why this Linear cannot or should not become a Float8Linear; None when it can."""
+    excluded = FP8_EXCLUDED.get(fqn.rsplit(".", 1)[-1])
+    if excluded:
+        return excluded
+    bad = [f"{name}={n}" for name, n in (("in_features", module.in_features), ("out_features", module.out_features))
+           if n % FP8_ALIGNMENT]
+    if bad:
+        return f"{', '.join(bad)} not a multiple of {FP8_ALIGNMENT} (fp8 GEMMs, torch._scaled_mm, need it)"
+    return None
+
+
+def fp8_selection(model: nn.Module) -> Fp8Selection:
+    """The Linear modules Precision.apply converts for fp8, and the reason for each one it leaves alone. Pure: needs
+    neither torchao nor a GPU, so it is tested on CPU and the GPU test compares what torchao actually swapped."""
+    converted, skipped = [], {}
+    for fqn, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            reason = fp8_skip_reason(fqn, module)
+            if reason is None:
+                converted.append(fqn)
+            else:
+                skipped[fqn] = reason
+    return Fp8Selection(tuple(converted), skipped)
 
 
 @dataclass(kw_only=True)
@@ -61,18 +111,28 @@ class Precision:
         return torch.amp.GradScaler(device_type, init_scale=self.init_scale, growth_interval=self.growth_interval,
                                     enabled=self.loss_scaling == "dynamic")
 
-    def apply(self, model: nn.Module) -> None:
-        """fp8: swap the decoder's linear layers for torchao Float8Linear (the LM head stays bf16)."""
+    def apply(self, model: nn.Module) -> Fp8Selection | None:
+        """fp8: swap the Linear modules ``fp8_selection`` names for torchao Float8Linear (the LM head stays bf16);
+        returns the selection, None for other precisions. Refuses a model with no eligible Linear."""
         if self.compute_dtype != "fp8":
-            return
+            return None
+        selection = fp8_selection(model)
+        if not selection.converted:
+            reasons = "; ".join(f"{fqn}: {why}" for fqn, why in selection.skipped.items()) or "no nn.Linear at all"
+            raise ValueError(f"precision=fp8 found no nn.Linear it can run in fp8, so nothing would run in fp8 "
+                             f"({reasons}); make model.dim and model.ffn_dim multiples of {FP8_ALIGNMENT} or use "
+                             "precision=bf16")
         from torchao.float8 import convert_to_float8_training
 
-        # fp8 GEMMs need both dims divisible by 16; the LM head's softmax input is kept in higher precision.
-        def keep(module: nn.Module, fqn: str) -> bool:
-            return isinstance(module, nn.Linear) and "lm_head" not in fqn and \
-                module.in_features % 16 == 0 and module.out_features % 16 == 0
-
-        convert_to_float8_training(model, module_filter_fn=keep)
+        chosen = set(selection.converted)
+        convert_to_float8_training(model, module_filter_fn=lambda module, fqn: fqn in chosen)
+        log.info("precision=fp8: %d Linear modules converted to Float8Linear, %d left in bf16",
+                 len(selection.converted), len(selection.skipped))
+        for fqn, why in selection.skipped.items():
+            # The LM head stays in bf16 by design; a decoder Linear left out is a shape worth hearing about.
+            by_design = fqn.rsplit(".", 1)[-1] in FP8_EXCLUDED
+            log.log(logging.INFO if by_design else logging.WARNING, "precision=fp8: %s stays in bf16: %s", fqn, why)
+        return selection
 
     def peak_dtype(self, device_type: str) -> str:
         """The dtype whose peak FLOPS MFU is measured against."""

@@ -41,6 +41,7 @@ def typed(node: dict | None, cls: type, key: str) -> Any:
 
     raw = dict(node or {})
     raw.pop("_target_", None)
+    raw.pop("defaults", None)  # an option YAML read as is: Hydra's composition list, not a value
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), raw))
     except (OmegaConfBaseException, ValueError, TypeError) as e:

@@ -12,6 +12,7 @@ import random
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from comm.buckets import (MIB, BucketChoice, BucketConfig, _fit_nonnegative, baichuan_reduce_bucket_elements,
@@ -164,6 +165,17 @@ def test_measure_alpha_beta_recovers_a_fake_links_parameters():
     got_alpha, got_beta = measure_alpha_beta(sleeping_reduce, sizes, iters=5)
     assert calls == [n for n in sizes for _ in range(6)]  # float32 tensors of each size: one warm-up, 5 timed
     assert got_alpha == pytest.approx(alpha, rel=0.3) and got_beta == pytest.approx(beta, rel=0.3)
+
+
+def test_the_probe_runs_on_the_training_device():
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        pytest.skip("needs a process without a multi-rank process group")
+    # The meta device stands in for a GPU: choose_bucket_bytes must hand the run's device down to the probe's
+    # tensors, or a "cpu:gloo,cuda:nccl" run would fit gloo over TCP instead of NCCL.
+    devices = []
+    choice = _choose(BucketConfig(policy="cost_model", probe_sizes_kb=[4, 64]), backward_s=0.1,
+                     reduce=lambda t: devices.append(t.device.type), device=torch.device("meta"))
+    assert choice.policy == "cost_model" and devices == ["meta"] * 12  # 2 sizes x (warm-up + 5 timed)
 
 
 def test_fit_is_least_squares_of_relative_error_with_nonnegative_coefficients():

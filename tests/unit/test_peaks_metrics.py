@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+import re
 
 import pytest
 
@@ -9,14 +10,78 @@ from analysis.peaks import calibrate_cpu_peak, device_key, gpu_peak, measure_gem
 from analysis.sinks import JsonlSink
 
 
-@pytest.mark.parametrize("name,key", [
+NAME_KEYS = [
     ("NVIDIA A800-SXM4-80GB", "a800"), ("NVIDIA A100-SXM4-40GB", "a100"), ("NVIDIA A100-PCIE-40GB", "a100"),
     ("NVIDIA H100 80GB HBM3", "h100_sxm"), ("NVIDIA H100 PCIe", "h100_pcie"), ("NVIDIA H800", "h800"),
-    ("NVIDIA H200", "h200"), ("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"), ("NVIDIA H20", "h20"),
-    ("NVIDIA H100 NVL", None), ("NVIDIA GeForce GTX 1080", None), ("NVIDIA H200 NVL", None),
-])
+    ("NVIDIA H800 PCIe", "h800_pcie"), ("NVIDIA H200", "h200"), ("NVIDIA GH200 480GB", "gh200"),
+    ("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"), ("NVIDIA H20", "h20"), ("NVIDIA A10", "a10"),
+    ("NVIDIA B200", "b200"), ("NVIDIA GB200", "gb200"), ("Tesla V100-SXM2-32GB", "v100_sxm2"),
+    ("Tesla V100-PCIE-16GB", "v100_pcie"), ("Tesla V100S-PCIE-32GB", "v100s_pcie"),
+    ("NVIDIA GeForce RTX 4090", "rtx4090"), ("AMD Instinct MI300X", "mi300x"),
+    # Other clocks or SM counts than any table entry: unknown, never a neighbour's peak.
+    ("NVIDIA H100 NVL", None), ("NVIDIA H200 NVL", None), ("NVIDIA A10G", None), ("NVIDIA L40", None),
+    ("NVIDIA GeForce RTX 4090 D", None), ("NVIDIA GeForce RTX 4090 Laptop GPU", None),
+    ("Tesla V100-SXM3-32GB", None), ("NVIDIA GeForce GTX 1080", None),
+]
+
+
+@pytest.mark.parametrize("name,key", NAME_KEYS)
 def test_device_names_map_to_table_keys(name, key):
     assert device_key(name) == key
+
+
+# Dense bf16 TFLOPS as published, typed here from the datasheets rather than read from the table (NVIDIA prints
+# "with sparsity" figures: halved). Names are what torch.cuda.get_device_name() returns on each product.
+DATASHEET_BF16_DENSE = [
+    ("NVIDIA H100 80GB HBM3", 989.4),  # H100 SXM5: 1,979 sparse
+    ("NVIDIA H100 PCIe", 756.0),  # H100 PCIe: 1,513 sparse
+    ("NVIDIA H800 PCIe", 756.0),  # export H100 PCIe: same tensor cores
+    ("NVIDIA H800", 989.4),  # export H100 SXM5
+    ("NVIDIA H200", 989.4),  # H200 SXM: 1,979 sparse
+    ("NVIDIA GB200", 2500.0),  # GB200 NVL72, per GPU: 5 PFLOPS sparse
+    ("NVIDIA B200", 2250.0),  # HGX B200, per GPU: 4.5 PFLOPS sparse
+    ("NVIDIA A800-SXM4-80GB", 312.0),  # export A100
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA L40S", 362.05),  # 733 sparse
+    ("NVIDIA H20", 148.0),
+    ("NVIDIA GeForce RTX 4090", 165.2),  # Ada whitepaper: bf16 with fp32 accumulate, 330.4 sparse
+]
+
+
+@pytest.mark.parametrize("name,tflops", DATASHEET_BF16_DENSE, ids=[n for n, _ in DATASHEET_BF16_DENSE])
+def test_real_device_names_get_their_own_datasheet_bf16_peak(name, tflops):
+    peak = gpu_peak(name, "bf16")
+    assert peak.flops == pytest.approx(tflops * 1e12) and peak.source.startswith("table:")
+
+
+def test_neighbouring_products_get_their_own_fp8_and_tf32_peaks():
+    # The defects this guards: H800 PCIe read as SXM, GB200 read as B200 ("B200" is a substring of "GB200").
+    assert gpu_peak("NVIDIA H800 PCIe", "fp8").flops == pytest.approx(1513e12)
+    assert gpu_peak("NVIDIA H800", "fp8").flops == pytest.approx(1978.9e12)
+    assert gpu_peak("NVIDIA GB200", "fp8").flops == pytest.approx(5000e12)
+    assert gpu_peak("NVIDIA B200", "fp8").flops == pytest.approx(4500e12)
+    assert gpu_peak("NVIDIA GB200", "tf32").flops == pytest.approx(1250e12)
+    assert gpu_peak("NVIDIA H100 PCIe", "tf32").flops == pytest.approx(378e12)
+
+
+def test_each_real_name_is_claimed_by_exactly_one_pattern():
+    # Order-independence: no name may depend on which of two matching patterns comes first.
+    from analysis.peaks import _NAME_PATTERNS
+
+    for name in {n for n, key in NAME_KEYS if key} | {n for n, _ in DATASHEET_BF16_DENSE}:
+        claims = [key for pattern, key in _NAME_PATTERNS if re.search(pattern, name, flags=re.IGNORECASE)]
+        assert len(claims) == 1, f"{name!r} is claimed by {claims}"
+
+
+def test_a_name_two_patterns_claim_is_unknown(monkeypatch, caplog):
+    import analysis.peaks as peaks
+
+    monkeypatch.setattr(peaks, "_NAME_PATTERNS", [(r"B200", "b200"), (r"GB200", "gb200")])
+    with caplog.at_level(logging.WARNING):
+        assert device_key("NVIDIA GB200") is None
+    assert "several peak-table entries" in caplog.text
 
 
 def test_peak_table_values():
@@ -25,7 +90,7 @@ def test_peak_table_values():
     assert table_peak_flops("h100_pcie", "bf16") == 756e12
     assert table_peak_flops("l40s", "bf16") == pytest.approx(362.05e12)
     assert table_peak_flops("a100", "tf32") == 156e12 and table_peak_flops("a100", "fp32") == 19.5e12
-    assert table_peak_flops("v100", "bf16") is None  # no bf16 tensor cores: unknown, not fp16's figure
+    assert table_peak_flops("v100_sxm2", "bf16") is None  # no bf16 tensor cores: unknown, not fp16's figure
 
 
 def test_unknown_gpu_gives_null_peak_and_a_warning(caplog):
