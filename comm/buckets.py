@@ -92,12 +92,40 @@ class BucketChoice:
     bucket_bytes: int  # what DDP gets: bucket_cap_mb = bucket_bytes / 2**20
     policy: str  # the policy that chose it
     reason: str  # one readable line for the log
+    element_bytes: int = 4  # bytes per gradient element in the dtype the engine reduces (4 fp32, 2 bf16)
     alpha_s: float | None = None  # cost_model: measured latency per all-reduce (seconds)
     beta_s_per_byte: float | None = None  # cost_model: measured seconds per byte
     predicted_exposed_s: float | None = None  # cost_model: predicted exposed communication per step
 
+    @property
+    def elements(self) -> int:
+        """The bucket in gradient elements (what DeepSpeed's and megatron-core's bucket sizes count)."""
+        return max(1, self.bucket_bytes // self.element_bytes)
+
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "elements": self.elements}
+
+
+@dataclass(frozen=True)
+class MeasuredCollective:
+    """The in-place SUM all-reduce the run's gradients will go through (the flat or hierarchical reduce of its comm
+    hook, an emulated slow link included), named for the log: what the cost model times."""
+
+    name: str
+    reduce: Callable[[torch.Tensor], None]
+
+
+# Fraction of the peak a backward pass is assumed to reach when the cost model needs its duration before any step
+# has run: `small` trains at 70-80% of the measured peak on a CPU (docs/benchmarks.md).
+BACKWARD_EFFICIENCY = 0.6
+
+
+def estimate_backward_s(hfu_flops_per_token: float, tokens_per_rank: int, peak_flops: float | None) -> float | None:
+    """Backward time of one step per rank: 2/3 of the step's hardware FLOPs at BACKWARD_EFFICIENCY of the peak
+    (None without a peak)."""
+    if peak_flops is None:
+        return None
+    return (2 / 3) * hfu_flops_per_token * tokens_per_rank / (BACKWARD_EFFICIENCY * peak_flops)
 
 
 # ---------------------------------------------------------------- measuring the link
@@ -214,7 +242,7 @@ def best_candidate(cfg: BucketConfig, *, grad_bytes: int, backward_s: float, alp
 
 def choose_bucket_bytes(cfg: BucketConfig, *, grad_elements: int, grad_element_bytes: int, world_size: int,
                         backward_s: float | None = None,
-                        reduce: Callable[[torch.Tensor], None] | None = None,
+                        reduce: MeasuredCollective | Callable[[torch.Tensor], None] | None = None,
                         device: torch.device = torch.device("cpu")) -> BucketChoice:
     """The bucket size ``cfg.policy`` gives for this model and process group; logged with its reason.
 
@@ -229,10 +257,14 @@ def choose_bucket_bytes(cfg: BucketConfig, *, grad_elements: int, grad_element_b
         raise ValueError(f"bucket sizing needs gradients and ranks: got grad_elements={grad_elements}, "
                          f"grad_element_bytes={grad_element_bytes}, world_size={world_size}; pass positive "
                          "counts.")
+    name = reduce.name if isinstance(reduce, MeasuredCollective) else None
+    reduce = reduce.reduce if isinstance(reduce, MeasuredCollective) else reduce
     choice = _POLICY_FNS[cfg.policy](cfg, grad_elements=grad_elements, grad_element_bytes=grad_element_bytes,
                                      world_size=world_size, backward_s=backward_s, reduce=reduce,
                                      device=device)
-    log.info("gradient buckets: %s", choice.reason)
+    reason = f"{choice.reason} (timed: {name})" if name and choice.alpha_s is not None else choice.reason
+    choice = dataclasses.replace(choice, element_bytes=grad_element_bytes, reason=reason)
+    log.info("gradient buckets: %s = %s elements of %d B", choice.reason, f"{choice.elements:,}", grad_element_bytes)
     return choice
 
 

@@ -7,7 +7,7 @@ Baichuan-7B preset), and calls ``deepspeed.initialize`` with the optimizer and s
 Decisions, and why:
 - Buckets. DeepSpeed's ``reduce_bucket_size``/``allgather_bucket_size`` count ELEMENTS, not bytes (ZeRO allocates
   ``bucket_size`` elements of the gradient dtype). Left at None they follow the comm/bucket policy:
-  ``bucket_bytes // 4`` (fp32 gradients; with bf16 the same element count is half the bytes).
+  ``BucketChoice.elements``: the policy's bytes in elements of the gradients' dtype (bf16 with bf16.enabled).
 - Precision. ``bf16`` turns on DeepSpeed's ``bf16.enabled``: the module's weights become bf16 and the ZeRO optimizer
   keeps fp32 master weights (chuanliu's own bf16 instead keeps fp32 weights under autocast). The loop's
   ``forward_context`` is still entered around every forward: it carries the activation meter, the forward timer
@@ -44,7 +44,6 @@ from torch import nn
 
 from comm.engine import EngineInputs, StateBytes, gather_rank_losses
 
-GRAD_ELEMENT_BYTES = 4  # the comm/bucket policy sizes buckets for fp32 gradients
 NATIVE_DIR = "deepspeed"  # DeepSpeed's own checkpoint, inside a fault.checkpoint step directory
 NATIVE_TAG = "state"
 _SHM_OP = "deepspeed_shm_comm"
@@ -81,7 +80,7 @@ def deep_merge(base: Mapping, extra: Mapping) -> dict:
 class DeepSpeedConfig:
     zero_stage: int = 2  # 0: plain data parallel; 1: optimizer state; 2: + gradients; 3: + parameters
     overlap_comm: bool | None = None  # None: follow comm/overlap
-    reduce_bucket_size: int | None = None  # ELEMENTS; None: the comm/bucket policy's bytes // 4
+    reduce_bucket_size: int | None = None  # ELEMENTS; None: the comm/bucket policy's, in elements of the grads' dtype
     allgather_bucket_size: int | None = None  # ELEMENTS; None: as reduce_bucket_size
     contiguous_gradients: bool = True  # copy gradients into one contiguous buffer as they are reduced
     reduce_scatter: bool = True  # ZeRO-1/2 reduce gradients by reduce-scatter (False: all-reduce)
@@ -136,7 +135,7 @@ class DeepSpeedConfig:
         return cfg, knobs, unhonoured
 
     def _from_policies(self, i: EngineInputs) -> dict:
-        bucket = self.reduce_bucket_size or max(1, i.bucket_bytes // GRAD_ELEMENT_BYTES)
+        bucket = self.reduce_bucket_size or i.bucket_elements
         zero: dict[str, Any] = {
             "stage": self.zero_stage,
             "overlap_comm": i.overlap if self.overlap_comm is None else self.overlap_comm,
@@ -187,13 +186,13 @@ class DeepSpeedConfig:
         stage = zero.get("stage", 0) if self.config_json else self.zero_stage
         bf16 = cfg.get("bf16", {}).get("enabled", False) if self.config_json else compute_dtype == "bf16"
         pb = 2 if bf16 else 4
-        bucket = zero.get("reduce_bucket_size") or self.reduce_bucket_size or max(1, bucket_bytes // GRAD_ELEMENT_BYTES)
+        bucket = zero.get("reduce_bucket_size") or self.reduce_bucket_size or max(1, bucket_bytes // pb)
         shard = lambda stage_from: dp if stage >= stage_from else 1  # noqa: E731
         optimizer = ((4 if bf16 else 0) + 8) * n_params / shard(1)
         grads = pb * n_params / shard(2) + (4 * n_params / dp if bf16 and stage in (1, 2) else 0)
         buffers = (2 * bucket * pb if stage >= 1 else 0) + (2 * unit_params * pb if stage == 3 else 0)
         return StateBytes(weights=pb * n_params / shard(3), grads=grads, optimizer=optimizer, buffers=buffers,
-                          param_bytes=pb)
+                          param_bytes=pb, grad_bytes=pb)
 
     def build(self, inputs: EngineInputs) -> DeepSpeedEngine:
         cfg, knobs, unhonoured = self.ds_config(inputs)

@@ -36,11 +36,17 @@ class EngineInputs:
     scaler: torch.amp.GradScaler  # disabled unless fp16 with loss scaling
     compute_dtype: str = "fp32"  # the precision group's compute dtype: fp32 | bf16 | fp16 | fp8
     bucket_bytes: int = 25 * 2**20  # from the comm/bucket policy
+    # The same bucket in gradient elements of the dtype the engine reduces (BucketChoice.elements); None: fp32.
+    bucket_elements: int | None = None
     overlap: bool = True  # comm/overlap: reduce gradients while backward still runs
     comm_hook: tuple | None = None  # (hook, state) from comm.hooks.build_comm_hook, or None (engine's own reduce)
     # Builds (optimizer, scheduler) for a module: engines that replace the parameters (FSDP2's DTensors) build
     # their optimizer again over the new ones, with the same parameter groups and schedule.
     make_optimizer: Callable[[nn.Module], tuple[torch.optim.Optimizer, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.bucket_elements is None:
+            self.bucket_elements = max(1, self.bucket_bytes // 4)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class StateBytes:
     optimizer: float
     buffers: float = 0.0
     param_bytes: int = 4
+    grad_bytes: int = 4  # the dtype gradients are reduced in: what a bucket's bytes count
 
     @property
     def total(self) -> float:

@@ -53,7 +53,7 @@ class MegatronConfig:
         """fp32 weights and AdamW moments; the contiguous main_grad buffer (fp32 with grad_reduce_in_fp32) whose
         buckets are views of it."""
         grad = 4 if self.grad_reduce_in_fp32 or compute_dtype == "fp32" else 2
-        return StateBytes(weights=4 * n_params, grads=grad * n_params, optimizer=8 * n_params)
+        return StateBytes(weights=4 * n_params, grads=grad * n_params, optimizer=8 * n_params, grad_bytes=grad)
 
     def build(self, inputs: EngineInputs) -> MegatronEngine:
         return MegatronEngine(inputs, self)
@@ -104,9 +104,7 @@ class MegatronEngine(TorchOptimizerEngine):
         self.rank_losses: list[float] = []
         self.unhonoured: list[str] = []
         overlap = inputs.overlap if cfg.overlap_grad_reduce is None else cfg.overlap_grad_reduce
-        param_dtype = next(self.raw.parameters()).dtype
-        grad_bytes = 4 if cfg.grad_reduce_in_fp32 else param_dtype.itemsize
-        bucket_size = cfg.bucket_size if cfg.bucket_size is not None else max(1, inputs.bucket_bytes // grad_bytes)
+        bucket_size = cfg.bucket_size if cfg.bucket_size is not None else inputs.bucket_elements
         self.knobs: dict[str, Any] = {"engine": "megatron", "bucket_size": bucket_size, "overlap_grad_reduce": overlap,
                                       "grad_reduce_in_fp32": cfg.grad_reduce_in_fp32,
                                       "average_in_collective": cfg.average_in_collective,

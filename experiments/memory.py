@@ -31,6 +31,7 @@ class MemoryEstimate:
     states: dict[str, float]  # weights, grads, optimizer, buffers
     activations: dict[str, float]  # systems.memory.activation_estimate's parts (one micro-batch)
     transient: float  # the largest temporary on top at the peak (loss logits and gradients, a layer's backward)
+    grad_bytes: int = 4  # bytes per gradient element as the engine reduces them (sizes buckets in elements)
 
     @property
     def total(self) -> float:
@@ -56,7 +57,7 @@ def estimate_memory(model_cfg: ModelConfig, *, seq: int, micro_batch: int, kerne
                                     bucket_bytes=bucket_bytes)
     acts = activation_estimate(model_cfg, seq=seq, micro_batch=micro_batch, kernels=kernels, splitting=splitting,
                                compute_dtype=compute_dtype, param_bytes=states.param_bytes)
-    return MemoryEstimate(states=states.as_dict(), activations=acts,
+    return MemoryEstimate(states=states.as_dict(), activations=acts, grad_bytes=states.grad_bytes,
                           transient=max(acts["transient"], _backward_working_set(model_cfg, seq * micro_batch,
                                                                                  splitting, compute_dtype)))
 

@@ -31,7 +31,7 @@ from analysis.flops import Recompute, flops_per_token, matmul_params
 from analysis.metrics import MetricsProcessor
 from analysis.peaks import Peak, calibrate_cpu_peak, cpu_name, gpu_peak
 from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
-from comm.buckets import BucketConfig, choose_bucket_bytes
+from comm.buckets import BucketConfig, MeasuredCollective, choose_bucket_bytes, estimate_backward_s
 from comm.engine import EngineInputs, replica_digests
 from comm.hierarchical import flat_all_reduce
 from comm.hooks import AlgorithmConfig, OverlapConfig, build_comm_hook
@@ -152,18 +152,6 @@ def measure_peak(hw: HardwareConfig, device: torch.device, dtype: str, info: Dis
     return peak or calibrate_cpu_peak(dtype, resolve_cache_dir(hw.cache_dir))
 
 
-# Fraction of the peak a backward pass is assumed to reach when the cost-model bucket policy needs its duration
-# before any step has run: `small` trains at 70-80% of the measured peak on a CPU (docs/benchmarks.md).
-BACKWARD_EFFICIENCY = 0.6
-
-
-def estimate_backward_s(fpt: dict[str, float], tokens_per_rank: int, peak: Peak) -> float | None:
-    """Backward time of one step per rank: 2/3 of the step's hardware FLOPs at BACKWARD_EFFICIENCY of the peak."""
-    if peak.flops is None:
-        return None
-    return (2 / 3) * fpt["hfu"] * tokens_per_rank / (BACKWARD_EFFICIENCY * peak.flops)
-
-
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
@@ -241,19 +229,20 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                           recompute=Recompute(**splitting.recomputed(kernels)))
     tokens_per_step = info.world_size * train.micro_batch_size * train.grad_accum_steps * train.seq_len
 
-    comm_hook, topology, reduce = None, None, flat_all_reduce
+    comm_hook, topology, reduce = None, None, MeasuredCollective("flat all-reduce", flat_all_reduce)
     if info.world_size > 1:  # collectives: every rank discovers and builds the same groups
         topology = discover_topology(topology_cfg)
         comm_hook = build_comm_hook(algorithm, overlap, build_groups(topology), link, device)
-        reduce = comm_hook[1].reduce if comm_hook else reduce  # the cost model times what training will run
+        if comm_hook:  # the cost model times what training will run
+            reduce = MeasuredCollective(f"comm/algorithm={algorithm.name}", comm_hook[1].reduce)
     bucket = choose_bucket_bytes(
-        bucket_cfg, grad_elements=n_params, grad_element_bytes=4,
-        world_size=info.world_size, backward_s=estimate_backward_s(fpt, tokens_per_step // info.world_size, peak),
+        bucket_cfg, grad_elements=n_params, grad_element_bytes=memory.grad_bytes, world_size=info.world_size,
+        backward_s=estimate_backward_s(fpt["hfu"], tokens_per_step // info.world_size, peak.flops),
         reduce=reduce, device=device)
     engine = engine_cfg.build(EngineInputs(
         model=model, optimizer=optimizer, scheduler=scheduler, grad_clip=optim_cfg.grad_clip, device=device,
         scaler=precision.make_scaler(device.type), compute_dtype=precision.compute_dtype,
-        bucket_bytes=bucket.bucket_bytes, overlap=overlap.enabled, comm_hook=comm_hook,
+        bucket_bytes=bucket.bucket_bytes, bucket_elements=bucket.elements, overlap=overlap.enabled, comm_hook=comm_hook,
         make_optimizer=lambda m: _optimizer_and_schedule(m, optim_cfg, train.steps)))
     environment = {
         "device_type": device.type, "device_name": _device_name(device), "dtype": dtype,
@@ -279,7 +268,6 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         tokenizer.save(run_dir / "tokenizer.model")
         sinks = build_sinks(log_cfg, train, run_dir, cfg)
         log.info("peak for MFU: %s", peak.method)
-        log.info("gradient buckets: %s", bucket.reason)
         log.info("engine: %s", ", ".join(f"{k}={v}" for k, v in engine.knobs.items()))
         for reason in engine.unhonoured:
             log.warning("engine cannot honour a setting: %s", reason)

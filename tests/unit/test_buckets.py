@@ -64,9 +64,18 @@ def test_the_choice_is_logged(caplog):
 
 def test_as_dict_holds_every_field():
     d = BucketChoice(bucket_bytes=8, policy="cost_model", reason="r", alpha_s=1e-5, beta_s_per_byte=1e-9,
-                     predicted_exposed_s=0.5).as_dict()
+                     predicted_exposed_s=0.5, element_bytes=2).as_dict()
     assert d == {"bucket_bytes": 8, "policy": "cost_model", "reason": "r", "alpha_s": 1e-5,
-                 "beta_s_per_byte": 1e-9, "predicted_exposed_s": 0.5}
+                 "beta_s_per_byte": 1e-9, "predicted_exposed_s": 0.5, "element_bytes": 2, "elements": 4}
+
+
+def test_a_choice_counts_elements_in_the_gradient_dtype_engines_reduce():
+    # Megatron-core's rule in elements: bf16 gradients (DeepSpeed bf16) make a bucket of half the bytes, and the
+    # engines get the same element count back (they once divided by 4 whatever the dtype: half the elements).
+    cfg = BucketConfig(policy="gpu_count")
+    for element_bytes in (4, 2):
+        choice = choose_bucket_bytes(cfg, grad_elements=10**9, grad_element_bytes=element_bytes, world_size=64)
+        assert choice.elements == 64_000_000 and choice.bucket_bytes == 64_000_000 * element_bytes
 
 
 # ---------------------------------------------------------------- predict_exposed_s
