@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from comm.engine import EngineInputs, StateBytes, TorchOptimizerEngine, gather_rank_losses
+from comm.engine import EngineInputs, StateBytes, TorchOptimizerEngine
 
 # The RoPE tables are the model's only buffers, identical constants: no buffer collective in each forward (which
 # also keeps the forward free of communication, so the watchdog can time it as the rank's own speed).
@@ -56,6 +54,7 @@ class DDPEngine(TorchOptimizerEngine):
                              "all-reduce always overlaps); use comm/algorithm=flat or hierarchical")
         self.raw = model
         self.model = model
+        self.device = device
         if self.distributed:
             self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                              bucket_cap_mb=bucket_bytes / 2**20, static_graph=cfg.static_graph,
@@ -81,24 +80,8 @@ class DDPEngine(TorchOptimizerEngine):
     def full_parameters(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.raw.named_parameters()}
 
-    def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
-                         forward_context: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
-        """Accumulate gradients over ``n_micro`` micro-batches; returns the mean loss over all ranks (detached).
-
-        Every rank's own loss is gathered into ``rank_losses`` (one collective, as an all-reduce would be), so a
-        NaN can be traced to the rank that produced it.
-        """
-        total = torch.zeros((), device=next(self.raw.parameters()).device)
-        for i, (x, y) in enumerate(micro_batches):
-            last = i == n_micro - 1
-            sync = contextlib.nullcontext() if last or not self.distributed else self.model.no_sync()
-            with sync:
-                with forward_context():
-                    loss = self.model(x, y) / n_micro
-                self.scaler.scale(loss).backward()
-            total += loss.detach()
-        mean, self.rank_losses = gather_rank_losses(total, self.distributed)
-        return mean
+    def _accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last or not self.distributed else self.model.no_sync()
 
     def step(self) -> dict[str, float]:
         """The shared optimizer step (TorchOptimizerEngine), plus this step's timings from a chuanliu hook."""

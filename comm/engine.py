@@ -114,6 +114,29 @@ class TorchOptimizerEngine:
     grad_clip: float
     skipped_steps: int
 
+    model: nn.Module  # what the loop calls: the engine's wrapper (DDP) or the module itself
+    device: torch.device
+    distributed: bool  # more than one data-parallel rank
+
+    def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
+                         forward_context: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+        """Accumulate gradients over ``n_micro`` micro-batches, reducing them only with the last (each engine's
+        ``_accumulating``); returns the mean loss over all ranks (detached). Every rank's own loss is gathered
+        into ``rank_losses`` (one collective), so a NaN can be traced to the rank that produced it."""
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro_batches):
+            with self._accumulating(last=i == n_micro - 1):
+                with forward_context():
+                    loss = self.model(x, y) / n_micro
+                self.scaler.scale(loss).backward()  # a disabled scaler passes the loss through
+            total += loss.detach()
+        mean, self.rank_losses = gather_rank_losses(total, self.distributed)
+        return mean
+
+    def _accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        """The context of one micro-batch's forward and backward: defers the gradient reduction unless ``last``."""
+        return contextlib.nullcontext()
+
     def _optimizer_step(self) -> dict[str, float]:
         """Unscale, clip, step the optimizer (skipped on overflow) and the schedule; zero the gradients.
 

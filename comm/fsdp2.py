@@ -19,9 +19,7 @@ Mapping chuanliu's communication policies onto FSDP2:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from comm.engine import EngineInputs, StateBytes, TorchOptimizerEngine, gather_rank_losses
+from comm.engine import EngineInputs, StateBytes, TorchOptimizerEngine
 
 
 @dataclass(kw_only=True)
@@ -113,18 +111,10 @@ class FSDP2Engine(TorchOptimizerEngine):
         return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
                 for name, p in self.model.named_parameters()}
 
-    def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
-                         forward_context: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
-        total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(micro_batches):
-            if self.distributed:  # reduce-scatter only after the last micro-batch
-                self.model.set_requires_gradient_sync(i == n_micro - 1)
-            with forward_context():
-                loss = self.model(x, y) / n_micro
-            loss.backward()
-            total += loss.detach()
-        mean, self.rank_losses = gather_rank_losses(total, self.distributed)
-        return mean
+    def _accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        if self.distributed:  # reduce-scatter only after the last micro-batch
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
 
     def step(self) -> dict[str, float]:
         return self._optimizer_step()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from comm.engine import EngineInputs, StateBytes, TorchOptimizerEngine, gather_rank_losses
+from comm.engine import EngineInputs, StateBytes, TorchOptimizerEngine
 from comm.megatron_cpu import cpu_bridges
 
 
@@ -160,21 +159,10 @@ class MegatronEngine(TorchOptimizerEngine):
     def full_parameters(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.raw.named_parameters()}  # replicated
 
-    def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
-                         forward_context: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
-        """Accumulate over ``n_micro`` micro-batches into ``main_grad``; only the last one reduces (megatron
-        launches each bucket's all-reduce from the backward hook once the bucket is complete, with overlap)."""
-        total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(micro_batches):
-            last = i == n_micro - 1
-            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
-            with sync:
-                with forward_context():
-                    loss = self.model(x, y) / n_micro
-                self.scaler.scale(loss).backward()
-            total += loss.detach()
-        mean, self.rank_losses = gather_rank_losses(total, self.distributed)
-        return mean
+    def _accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        """Accumulate into ``main_grad``; only the last micro-batch reduces (megatron launches each bucket's
+        all-reduce from the backward hook once the bucket is complete, with overlap)."""
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
 
     def _ready_grads(self) -> None:
         """Finish the reductions, then hand the optimizer the reduced buffer (megatron's FP32Optimizer.
