@@ -31,15 +31,15 @@ from analysis.flops import Recompute, flops_per_token, matmul_params
 from analysis.metrics import MetricsProcessor
 from analysis.peaks import Peak, calibrate_cpu_peak, cpu_name, gpu_peak
 from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
-from comm.buckets import BucketConfig, MeasuredCollective, choose_bucket_bytes, estimate_backward_s
-from comm.engine import EngineInputs, replica_digests
+from comm.buckets import BucketChoice, BucketConfig, MeasuredCollective, choose_bucket_bytes, estimate_backward_s
+from comm.engine import Engine, EngineInputs, replica_digests
 from comm.hierarchical import flat_all_reduce
 from comm.hooks import AlgorithmConfig, OverlapConfig, build_comm_hook
 from comm.slowlink import LinkConfig, SlowLink
 from comm.topology import TopologyConfig, build_groups, discover_topology
 from experiments.config import ConfigError, plain, typed
 from experiments.dist import DistInfo, dist_info
-from experiments.memory import check_fits, estimate_memory
+from experiments.memory import MemoryEstimate, check_fits, estimate_memory
 from fault.chaos import Chaos, ChaosConfig
 from fault.checkpoint import CheckpointConfig, CheckpointManager, Loaded, rng_state, set_rng_state
 from fault.events import EventLog, restart_count
@@ -102,7 +102,7 @@ class Run:
     info: DistInfo
     device: torch.device
     precision: Precision
-    engine: Any
+    engine: Engine
     next_batch: Callable[[], torch.Tensor]
     metrics: MetricsProcessor
     environment: dict[str, Any]
@@ -175,124 +175,195 @@ def _optimizer_and_schedule(model: torch.nn.Module, optim_cfg: OptimConfig, step
     return optimizer, build_scheduler(optimizer, optim_cfg, steps)
 
 
-def build_run(cfg: DictConfig, run_dir: Path) -> Run:
-    info = dist_info()
-    train = typed(cfg.train, "train", TrainConfig)
-    model_cfg = typed(cfg.model, "model", ModelConfig)
-    data_cfg = typed(cfg.data, "data", DataConfig)
-    precision: Precision = typed(cfg.precision, "precision")
-    hw = typed(cfg.hardware, "hardware", HardwareConfig)
-    log_cfg = typed(cfg.logging, "logging", LoggingConfig)
-    optim_cfg = typed(cfg.optim, "optim", OptimConfig)
-    engine_cfg = typed(cfg.engine, "engine")  # any engine config with build(EngineInputs) (comm/engine.py)
-    fusion = typed(cfg.fusion, "fusion", FusionConfig)
-    splitting = typed(cfg.splitting, "splitting", SplittingConfig)
-    topology_cfg = typed(cfg.comm.topology, "comm.topology", TopologyConfig)
-    algorithm = typed(cfg.comm.algorithm, "comm.algorithm", AlgorithmConfig)
-    overlap = typed(cfg.comm.overlap, "comm.overlap", OverlapConfig)
-    link = SlowLink(typed(cfg.comm.link, "comm.link", LinkConfig))
-    bucket_cfg = typed(cfg.comm.bucket, "comm.bucket", BucketConfig)
-    ckpt_cfg = typed(cfg.fault.checkpoint, "fault.checkpoint", CheckpointConfig)
-    chaos_cfg = typed(cfg.fault.chaos, "fault.chaos", ChaosConfig)
-    watchdog_cfg = typed(cfg.fault.watchdog, "fault.watchdog", WatchdogConfig)
-    check_fault_config(ckpt_cfg, chaos_cfg, watchdog_cfg)
-    if train.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
+@dataclass(frozen=True)
+class Settings:
+    """Every config group of a run, checked against its dataclass (experiments.config.typed)."""
+
+    train: TrainConfig
+    model: ModelConfig
+    data: DataConfig
+    precision: Precision
+    hardware: HardwareConfig
+    logging: LoggingConfig
+    optim: OptimConfig
+    engine: Any  # an engine config: build(EngineInputs) -> Engine, state_bytes(...) (comm/engine.py)
+    fusion: FusionConfig
+    splitting: SplittingConfig
+    topology: TopologyConfig
+    algorithm: AlgorithmConfig
+    overlap: OverlapConfig
+    link: LinkConfig
+    bucket: BucketConfig
+    checkpoint: CheckpointConfig
+    chaos: ChaosConfig
+    watchdog: WatchdogConfig
+
+
+def read_settings(cfg: DictConfig) -> Settings:
+    c, f = cfg.comm, cfg.fault
+    s = Settings(
+        train=typed(cfg.train, "train", TrainConfig), model=typed(cfg.model, "model", ModelConfig),
+        data=typed(cfg.data, "data", DataConfig), precision=typed(cfg.precision, "precision"),
+        hardware=typed(cfg.hardware, "hardware", HardwareConfig),
+        logging=typed(cfg.logging, "logging", LoggingConfig), optim=typed(cfg.optim, "optim", OptimConfig),
+        engine=typed(cfg.engine, "engine"), fusion=typed(cfg.fusion, "fusion", FusionConfig),
+        splitting=typed(cfg.splitting, "splitting", SplittingConfig),
+        topology=typed(c.topology, "comm.topology", TopologyConfig),
+        algorithm=typed(c.algorithm, "comm.algorithm", AlgorithmConfig),
+        overlap=typed(c.overlap, "comm.overlap", OverlapConfig), link=typed(c.link, "comm.link", LinkConfig),
+        bucket=typed(c.bucket, "comm.bucket", BucketConfig),
+        checkpoint=typed(f.checkpoint, "fault.checkpoint", CheckpointConfig),
+        chaos=typed(f.chaos, "fault.chaos", ChaosConfig), watchdog=typed(f.watchdog, "fault.watchdog", WatchdogConfig))
+    check_fault_config(s.checkpoint, s.chaos, s.watchdog)
+    if s.train.seq_len > s.model.max_seq_len:
+        raise ConfigError(f"train.seq_len={s.train.seq_len} exceeds model.max_seq_len={s.model.max_seq_len}; "
                           "lower train.seq_len or raise model.max_seq_len")
+    return s
 
-    device = pick_device(train, info)
-    precision.check(device.type)
-    # Refuse what cannot fit before allocating anything (the kernels are resolved as apply_fusion will).
-    memory = estimate_memory(
-        model_cfg, seq=train.seq_len, micro_batch=train.micro_batch_size, splitting=splitting,
-        kernels=resolve(fusion, device.type, precision.compute_dtype, splitting.refused_kernels()),
-        compute_dtype=precision.compute_dtype, engine_cfg=engine_cfg, dp=info.world_size,
-        bucket_bytes=int(bucket_cfg.bucket_cap_mb * 2**20))
-    check_fits(memory, model_cfg, device)
-    precision.setup(device.type)
-    seed_everything(train.seed)
-    tokenizer, loader = build_data(data_cfg, seq_len=train.seq_len, micro_batch_size=train.micro_batch_size,
+
+@dataclass(frozen=True)
+class Work:
+    """What one step computes, for the metrics: FLOPs per token (every convention), the peak, tokens per step."""
+
+    fpt: dict[str, float]
+    peak: Peak
+    dtype: str
+    tokens_per_step: int
+
+
+@dataclass(frozen=True)
+class FaultTolerance:
+    """Built before the Run and handed to it: the event log, the watchdog (already watching, so loading is watched),
+    the checkpoint manager and this rank's chaos injectors (attached to the model after a resume)."""
+
+    events: EventLog
+    watchdog: Watchdog
+    checkpoint: CheckpointManager
+    chaos: Chaos
+
+
+def build_run(cfg: DictConfig, run_dir: Path) -> Run:
+    """Builders in order; each takes what the ones before made. Only loading a checkpoint (start) follows the Run."""
+    info = dist_info()
+    s = read_settings(cfg)
+    device = pick_device(s.train, info)
+    s.precision.check(device.type)
+    memory = check_memory(s, device, info)
+    s.precision.setup(device.type)
+    seed_everything(s.train.seed)
+    tokenizer, loader = build_data(s.data, seq_len=s.train.seq_len, micro_batch_size=s.train.micro_batch_size,
                                    rank=info.rank, world_size=info.world_size)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
+    if tokenizer.vocab_size > s.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size="
-                          f"{model_cfg.vocab_size}; raise model.vocab_size or lower data.vocab_size")
-
-    model = build_model(model_cfg, device)
-    n_params = count_parameters(model)
-    kernels = transform_model(model, fusion=fusion, splitting=splitting, precision=precision,
+                          f"{s.model.vocab_size}; raise model.vocab_size or lower data.vocab_size")
+    model = build_model(s.model, device)
+    kernels = transform_model(model, fusion=s.fusion, splitting=s.splitting, precision=s.precision,
                               device_type=device.type)
-    optimizer, scheduler = _optimizer_and_schedule(model, optim_cfg, train.steps)
-    dtype = precision.peak_dtype(device.type)
-    peak = measure_peak(hw, device, dtype, info)
-    fpt = flops_per_token(n_layers=model_cfg.n_layers, dim=model_cfg.dim, ffn_dim=model_cfg.ffn_dim,
-                          vocab_size=model_cfg.vocab_size, seq_len=train.seq_len,
-                          recompute=Recompute(**splitting.recomputed(kernels)))
-    tokens_per_step = info.world_size * train.micro_batch_size * train.grad_accum_steps * train.seq_len
+    work = measure_work(s, device, info, kernels)
+    engine, bucket, topology = build_engine(s, model, device, info, memory, work)
+    environment = describe(s, device, info, work, model, kernels, tokenizer, engine, bucket, topology, memory)
+    metrics = build_metrics(s, cfg, run_dir, info, work, engine, kernels, tokenizer, environment)
+    compute_timer = ComputeTimer(device)
+    compute_timer.exclude_engine_hooks(engine.module)  # before chaos or anything else adds forward pre-hooks
+    fault = build_fault_tolerance(s, run_dir, info)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    run = Run(train=s.train, info=info, device=device, precision=s.precision, engine=engine,
+              next_batch=lambda: loader.next_batch().to(device, non_blocking=True), metrics=metrics,
+              environment=environment, run_dir=run_dir, sync=sync, peak_memory=peak_memory_fn(device),
+              meter=SavedTensorMeter(engine.module.parameters()),
+              show_progress=info.is_main and s.logging.progress_bar, loader=loader, events=fault.events,
+              checkpoint=fault.checkpoint, chaos=fault.chaos, watchdog=fault.watchdog, compute_timer=compute_timer)
+    start(run, s)
+    return run
 
+
+def check_memory(s: Settings, device: torch.device, info: DistInfo) -> MemoryEstimate:
+    """Refuse what cannot fit before allocating anything (the kernels are resolved as apply_fusion will)."""
+    memory = estimate_memory(
+        s.model, seq=s.train.seq_len, micro_batch=s.train.micro_batch_size, splitting=s.splitting,
+        kernels=resolve(s.fusion, device.type, s.precision.compute_dtype, s.splitting.refused_kernels()),
+        compute_dtype=s.precision.compute_dtype, engine_cfg=s.engine, dp=info.world_size,
+        bucket_bytes=int(s.bucket.bucket_cap_mb * 2**20))
+    check_fits(memory, s.model, device)
+    return memory
+
+
+def measure_work(s: Settings, device: torch.device, info: DistInfo, kernels: dict[str, str]) -> Work:
+    dtype = s.precision.peak_dtype(device.type)
+    m = s.model
+    fpt = flops_per_token(n_layers=m.n_layers, dim=m.dim, ffn_dim=m.ffn_dim, vocab_size=m.vocab_size,
+                          seq_len=s.train.seq_len, recompute=Recompute(**s.splitting.recomputed(kernels)))
+    tokens = info.world_size * s.train.micro_batch_size * s.train.grad_accum_steps * s.train.seq_len
+    return Work(fpt=fpt, peak=measure_peak(s.hardware, device, dtype, info), dtype=dtype, tokens_per_step=tokens)
+
+
+def build_engine(s: Settings, model: torch.nn.Module, device: torch.device, info: DistInfo, memory: MemoryEstimate,
+                 work: Work) -> tuple[Engine, BucketChoice, Any]:
+    """The collectives (topology, groups, comm hook), the bucket size, then the engine over the model."""
     comm_hook, topology, reduce = None, None, MeasuredCollective("flat all-reduce", flat_all_reduce)
     if info.world_size > 1:  # collectives: every rank discovers and builds the same groups
-        topology = discover_topology(topology_cfg)
-        comm_hook = build_comm_hook(algorithm, overlap, build_groups(topology), link, device)
+        topology = discover_topology(s.topology)
+        comm_hook = build_comm_hook(s.algorithm, s.overlap, build_groups(topology), SlowLink(s.link), device)
         if comm_hook:  # the cost model times what training will run
-            reduce = MeasuredCollective(f"comm/algorithm={algorithm.name}", comm_hook[1].reduce)
+            reduce = MeasuredCollective(f"comm/algorithm={s.algorithm.name}", comm_hook[1].reduce)
     bucket = choose_bucket_bytes(
-        bucket_cfg, grad_elements=n_params, grad_element_bytes=memory.grad_bytes, world_size=info.world_size,
-        backward_s=estimate_backward_s(fpt["hfu"], tokens_per_step // info.world_size, peak.flops),
-        reduce=reduce, device=device)
-    engine = engine_cfg.build(EngineInputs(
-        model=model, optimizer=optimizer, scheduler=scheduler, grad_clip=optim_cfg.grad_clip, device=device,
-        scaler=precision.make_scaler(device.type), compute_dtype=precision.compute_dtype,
-        bucket_bytes=bucket.bucket_bytes, bucket_elements=bucket.elements, overlap=overlap.enabled, comm_hook=comm_hook,
-        make_optimizer=lambda m: _optimizer_and_schedule(m, optim_cfg, train.steps)))
-    environment = {
-        "device_type": device.type, "device_name": _device_name(device), "dtype": dtype,
+        s.bucket, grad_elements=count_parameters(model), grad_element_bytes=memory.grad_bytes,
+        world_size=info.world_size, reduce=reduce, device=device,
+        backward_s=estimate_backward_s(work.fpt["hfu"], work.tokens_per_step // info.world_size, work.peak.flops))
+    optimizer, scheduler = _optimizer_and_schedule(model, s.optim, s.train.steps)
+    engine = s.engine.build(EngineInputs(
+        model=model, optimizer=optimizer, scheduler=scheduler, grad_clip=s.optim.grad_clip, device=device,
+        scaler=s.precision.make_scaler(device.type), compute_dtype=s.precision.compute_dtype,
+        bucket_bytes=bucket.bucket_bytes, bucket_elements=bucket.elements, overlap=s.overlap.enabled,
+        comm_hook=comm_hook, make_optimizer=lambda m: _optimizer_and_schedule(m, s.optim, s.train.steps)))
+    return engine, bucket, topology
+
+
+def describe(s: Settings, device: torch.device, info: DistInfo, work: Work, model: torch.nn.Module,
+             kernels: dict[str, str], tokenizer, engine: Engine, bucket: BucketChoice, topology,
+             memory: MemoryEstimate) -> dict[str, Any]:
+    """The environment summary.json records."""
+    m, t, peak = s.model, s.train, work.peak
+    return {
+        "device_type": device.type, "device_name": _device_name(device), "dtype": work.dtype,
         "peak_tflops": None if peak.flops is None else peak.flops / 1e12, "peak_source": peak.source,
         "peak_method": peak.method, "world_size": info.world_size, "threads_per_rank": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "hostname": socket.gethostname(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": model_cfg.name,
-        "parameters": n_params,
-        "matmul_parameters": matmul_params(n_layers=model_cfg.n_layers, dim=model_cfg.dim,
-                                           ffn_dim=model_cfg.ffn_dim, vocab_size=model_cfg.vocab_size),
-        "tokenizer_vocab": tokenizer.vocab_size, "seq_len": train.seq_len, "tokens_per_step": tokens_per_step,
-        "micro_batch_size": train.micro_batch_size, "grad_accum_steps": train.grad_accum_steps,
-        "precision": precision.compute_dtype, "loss_scaling": precision.loss_scaling, "kernels": kernels,
-        "compile_layers": fusion.compile_layers, "splitting": splitting.__dict__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": m.name, "parameters": count_parameters(model),
+        "matmul_parameters": matmul_params(n_layers=m.n_layers, dim=m.dim, ffn_dim=m.ffn_dim,
+                                           vocab_size=m.vocab_size),
+        "tokenizer_vocab": tokenizer.vocab_size, "seq_len": t.seq_len, "tokens_per_step": work.tokens_per_step,
+        "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
+        "precision": s.precision.compute_dtype, "loss_scaling": s.precision.loss_scaling, "kernels": kernels,
+        "compile_layers": s.fusion.compile_layers, "splitting": s.splitting.__dict__,
         "capabilities": capabilities.summary(),
-        "topology": topology.describe() if topology else "1 rank", "comm_algorithm": algorithm.name,
-        "overlap": overlap.enabled, "bucket": bucket.as_dict(), "engine": engine.knobs,
+        "topology": topology.describe() if topology else "1 rank", "comm_algorithm": s.algorithm.name,
+        "overlap": s.overlap.enabled, "bucket": bucket.as_dict(), "engine": engine.knobs,
         "engine_unhonoured": engine.unhonoured, "memory_estimate": memory.as_dict(),
     }
+
+
+def build_metrics(s: Settings, cfg: DictConfig, run_dir: Path, info: DistInfo, work: Work, engine: Engine,
+                  kernels: dict[str, str], tokenizer, environment: dict[str, Any]) -> MetricsProcessor:
+    """The metrics processor; on rank 0 also its sinks, the run directory's tokenizer and the start-up log lines."""
     sinks = []
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(run_dir / "tokenizer.model")
-        sinks = build_sinks(log_cfg, train, run_dir, cfg)
-        log.info("peak for MFU: %s", peak.method)
+        sinks = build_sinks(s.logging, s.train, run_dir, cfg)
+        log.info("peak for MFU: %s", work.peak.method)
         log.info("engine: %s", ", ".join(f"{k}={v}" for k, v in engine.knobs.items()))
         for reason in engine.unhonoured:
             log.warning("engine cannot honour a setting: %s", reason)
         log.info("operators: %s%s; splitting: %s; precision: %s", kernels,
-                 " + compiled layers" if fusion.compile_layers else "",
-                 {k: v for k, v in splitting.__dict__.items() if v is True} or "none", precision.compute_dtype)
+                 " + compiled layers" if s.fusion.compile_layers else "",
+                 {k: v for k, v in s.splitting.__dict__.items() if v is True} or "none", s.precision.compute_dtype)
         log.info("model %s: %s parameters, %.3f GFLOP/token (palm); %d ranks x %d threads on %s",
-                 model_cfg.name, f"{environment['parameters']:,}", fpt["palm"] / 1e9, info.world_size,
+                 s.model.name, f"{environment['parameters']:,}", work.fpt["palm"] / 1e9, info.world_size,
                  torch.get_num_threads(), environment["device_name"])
-    metrics = MetricsProcessor(flops_per_token=fpt, peak_flops=peak.flops, tokens_per_step=tokens_per_step,
-                               world_size=info.world_size, sinks=sinks, warmup_steps=train.summary_warmup_steps)
-
-    def next_batch() -> torch.Tensor:
-        return loader.next_batch().to(device, non_blocking=True)
-
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    run = Run(train=train, info=info, device=device, precision=precision, engine=engine, next_batch=next_batch,
-              metrics=metrics, environment=environment, run_dir=run_dir, sync=sync,
-              peak_memory=peak_memory_fn(device), meter=SavedTensorMeter(engine.module.parameters()),
-              show_progress=info.is_main and log_cfg.progress_bar, loader=loader,
-              events=EventLog(run_dir, info.rank), checkpoint=None, chaos=None, watchdog=None,
-              compute_timer=ComputeTimer(device))
-    run.compute_timer.exclude_engine_hooks(engine.module)  # before chaos or anything else adds forward pre-hooks
-    build_fault_tolerance(run, ckpt_cfg, chaos_cfg, watchdog_cfg, model_cfg)
-    return run
+    return MetricsProcessor(flops_per_token=work.fpt, peak_flops=work.peak.flops,
+                            tokens_per_step=work.tokens_per_step, world_size=info.world_size, sinks=sinks,
+                            warmup_steps=s.train.summary_warmup_steps)
 
 
 def check_fault_config(ckpt: CheckpointConfig, chaos: ChaosConfig, watchdog: WatchdogConfig) -> None:
@@ -315,31 +386,39 @@ def checkpoint_fingerprint(model_cfg: ModelConfig, train: TrainConfig) -> dict[s
             "grad_accum_steps": train.grad_accum_steps}
 
 
-def build_fault_tolerance(run: Run, ckpt_cfg: CheckpointConfig, chaos_cfg: ChaosConfig,
-                          watchdog_cfg: WatchdogConfig, model_cfg: ModelConfig) -> None:
-    """The watchdog (watching from here on, under its start-up timeout), checkpoints (and resume), chaos injectors
-    and the launcher's stop signal, in that order."""
-    info = run.info
-    ckpt_dir = Path(ckpt_cfg.dir) if ckpt_cfg.dir else run.run_dir / "checkpoints"
-    run.watchdog = Watchdog(watchdog_cfg, run_dir=run.run_dir, rank=info.rank, world_size=info.world_size,
-                            events=run.events).start()
-    run.checkpoint = CheckpointManager(ckpt_cfg, run_dir=run.run_dir, rank=info.rank, world_size=info.world_size,
-                                       fingerprint=checkpoint_fingerprint(model_cfg, run.train), events=run.events,
-                                       progress=run.watchdog.progress)
-    # The engine's state dict is made only if there is a checkpoint to load (see CheckpointManager.load). An engine
-    # with its own checkpoint format (DeepSpeed) writes and reads it inside the committed directory.
+def build_fault_tolerance(s: Settings, run_dir: Path, info: DistInfo) -> FaultTolerance:
+    """The event log, the watchdog (watching from here on, under its start-up timeout), the checkpoint manager and
+    the chaos injectors, in that order."""
+    events = EventLog(run_dir, info.rank)
+    watchdog = Watchdog(s.watchdog, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
+                        events=events).start()
+    checkpoint = CheckpointManager(s.checkpoint, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
+                                   fingerprint=checkpoint_fingerprint(s.model, s.train), events=events,
+                                   progress=watchdog.progress)
+    chaos = Chaos(s.chaos, rank=info.rank, world_size=info.world_size, total_steps=s.train.steps, events=events,
+                  checkpoint_dir=checkpoint_dir(s.checkpoint, run_dir))
+    return FaultTolerance(events=events, watchdog=watchdog, checkpoint=checkpoint, chaos=chaos)
+
+
+def checkpoint_dir(ckpt_cfg: CheckpointConfig, run_dir: Path) -> Path:
+    return Path(ckpt_cfg.dir) if ckpt_cfg.dir else run_dir / "checkpoints"
+
+
+def start(run: Run, s: Settings) -> None:
+    """Resume from the newest valid checkpoint (the engine's state dict is made only if there is one; an engine with
+    its own format, DeepSpeed, reads it inside the committed directory), then arm chaos on the model and the
+    launcher's stop signal, and record the start."""
     loaded = run.checkpoint.load(run.engine.sharded_state, native=getattr(run.engine, "native_load", None))
     if loaded is not None:
         resume(run, loaded.sharded, loaded)
-    run.chaos = Chaos(chaos_cfg, rank=info.rank, world_size=info.world_size, total_steps=run.train.steps,
-                      events=run.events, checkpoint_dir=ckpt_dir)
     run.chaos.attach(run.engine.module)
     install_stop_handler(run.events, lambda: run.step, run.watchdog)
-    run.environment.update(checkpoint={"mode": ckpt_cfg.mode, "every": ckpt_cfg.every, "dir": str(ckpt_dir)},
-                           resumed_from=run.resumed_from, restart=restart_count(), chaos=chaos_cfg.name)
-    if info.is_main:
-        run.events.emit("start", step=run.start_step, resumed_from=run.resumed_from, world_size=info.world_size,
-                        chaos=chaos_cfg.name, checkpoint=ckpt_cfg.mode)
+    run.environment.update(checkpoint={"mode": s.checkpoint.mode, "every": s.checkpoint.every,
+                                       "dir": str(checkpoint_dir(s.checkpoint, run.run_dir))},
+                           resumed_from=run.resumed_from, restart=restart_count(), chaos=s.chaos.name)
+    if run.info.is_main:
+        run.events.emit("start", step=run.start_step, resumed_from=run.resumed_from, world_size=run.info.world_size,
+                        chaos=s.chaos.name, checkpoint=s.checkpoint.mode)
 
 
 def resume(run: Run, state: dict[str, Any], loaded: Loaded) -> None:
