@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from comm.hierarchical import flat_all_reduce, hierarchical_all_reduce
+from comm.hooks import synchronizer
 from comm.slowlink import LinkConfig, SlowLink, flat_inter_node_delay, hierarchical_inter_node_delay
 from comm.topology import TopologyConfig, build_groups, discover_topology
 
@@ -53,7 +54,7 @@ def time_one(reduce, count: int, dtype: torch.dtype, warmup: int, iters: int,
              device: torch.device = torch.device("cpu")) -> tuple[float, int]:
     """Mean seconds per all-reduce and the number of wrong elements in the last result."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
     x = torch.empty(count, dtype=dtype, device=device)
     for _ in range(warmup):
         x.fill_(rank + 1)
@@ -69,10 +70,6 @@ def time_one(reduce, count: int, dtype: torch.dtype, warmup: int, iters: int,
     elapsed = (time.perf_counter() - t0) / iters
     wrong = int((x != world * (world + 1) // 2).sum())
     return elapsed, wrong
-
-
-def _synchronizer(device: torch.device):
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 def fit_alpha_beta(rows: list[dict], world: int) -> tuple[float, float]:

@@ -33,6 +33,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from comm.hooks import synchronizer
+
 log = logging.getLogger(__name__)
 
 POLICIES = ("fixed", "gpu_count", "cost_model")
@@ -152,8 +154,7 @@ def _fastest_reduce_s(reduce: Callable[[torch.Tensor], None], n_bytes: int, iter
                       device: torch.device) -> float:
     # zeros stay zeros however often summed
     tensor = torch.zeros(max(1, n_bytes // 4), dtype=torch.float32, device=device)
-    # CUDA work returns once queued: wait for it before each clock read, or only launches are timed.
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)  # CUDA work returns once queued: wait before each clock read, or launches are timed
     reduce(tensor)  # warm-up: first-use allocations and connection set-up are not the link's cost
     times = []
     for _ in range(iters):

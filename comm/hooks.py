@@ -96,6 +96,12 @@ class CudaTimer:
         return start.elapsed_time(end) / 1e3, ready.elapsed_time(end) / 1e3  # ms -> s
 
 
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for ``device``'s queued work (a no-op on a CPU, whose collectives return when done); chosen once, so a
+    timed loop never branches on the device."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
 def build_timer(device: torch.device) -> "HostTimer | CudaTimer":
     """The clock for collectives on ``device``'s tensors, chosen once so the hook never branches on it."""
     return CudaTimer(device) if device.type == "cuda" else HostTimer()

@@ -37,6 +37,7 @@ import torch
 from analysis.flops import Recompute, flops_per_token
 from analysis.peaks import cpu_name, gpu_peak, measure_gemm_flops
 from comm.ddp import DDPConfig
+from comm.hooks import synchronizer
 from experiments.memory import USABLE_FRACTION, MemoryEstimate, estimate_memory
 from systems import capabilities as caps
 from systems.fusion import FusionConfig, resolve
@@ -175,10 +176,10 @@ def run_row(width: ModelConfig, layers: int, row: Row, args, device: torch.devic
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         tokens = torch.randint(0, model_cfg.vocab_size, (row.micro_batch, args.seq + 1), device=device)
         x, y = tokens[:, :-1], tokens[:, 1:]
-        times = []
+        times, sync = [], synchronizer(device)
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
-                _sync(device)
+                sync()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
@@ -187,7 +188,7 @@ def run_row(width: ModelConfig, layers: int, row: Row, args, device: torch.devic
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as DDP's bucket views keep them
-            _sync(device)
+            sync()
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
         step_s = sorted(times)[len(times) // 2]
@@ -206,11 +207,6 @@ def run_row(width: ModelConfig, layers: int, row: Row, args, device: torch.devic
         del model, optimizer
         _reset_memory(device)
     return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reset_memory(device: torch.device) -> None:

@@ -34,7 +34,7 @@ from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
 from comm.buckets import BucketChoice, BucketConfig, MeasuredCollective, choose_bucket_bytes, estimate_backward_s
 from comm.engine import Engine, EngineInputs, replica_digests
 from comm.hierarchical import flat_all_reduce
-from comm.hooks import AlgorithmConfig, OverlapConfig, build_comm_hook
+from comm.hooks import AlgorithmConfig, OverlapConfig, build_comm_hook, synchronizer
 from comm.slowlink import LinkConfig, SlowLink
 from comm.topology import TopologyConfig, build_groups, discover_topology
 from experiments.config import ConfigError, plain, typed
@@ -266,7 +266,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     compute_timer = ComputeTimer(device)
     compute_timer.exclude_engine_hooks(engine.module)  # before chaos or anything else adds forward pre-hooks
     fault = build_fault_tolerance(s, run_dir, info)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     run = Run(train=s.train, info=info, device=device, precision=s.precision, engine=engine,
               next_batch=lambda: loader.next_batch().to(device, non_blocking=True), metrics=metrics,
               environment=environment, run_dir=run_dir, sync=sync, peak_memory=peak_memory_fn(device),
