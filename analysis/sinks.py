@@ -3,8 +3,39 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """The logging group (conf/logging/): where a run's metrics go. ``build`` gives rank 0's sinks."""
+
+    wandb_mode: str = "offline"  # offline (default: no network, sync later), online or disabled
+    project: str = "chuanliu"  # wandb project
+    group: str | None = None  # wandb group (runs of one sweep share one)
+    tags: list[str] = field(default_factory=list)  # wandb tags
+    progress_bar: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logging.wandb_mode={self.wandb_mode!r} is unknown; use offline, online or disabled")
+
+    def build(self, *, run_dir: Path, config: dict[str, Any], log_every: int, total_steps: int,
+              write: Callable[[str], None] = print) -> list:
+        """The console line and metrics.jsonl always; a wandb run unless wandb_mode=disabled (wandb's own
+        "disabled" mode would still import it, which costs seconds)."""
+        sinks: list = [ConsoleSink(log_every, total_steps, write=write), JsonlSink(Path(run_dir) / "metrics.jsonl")]
+        if self.wandb_mode == "disabled":
+            return sinks
+        try:
+            sinks.append(WandbSink(mode=self.wandb_mode, project=self.project, run_dir=run_dir, config=config,
+                                   group=self.group, tags=list(self.tags), name=Path(run_dir).name))
+        except Exception as e:  # wandb's own errors (no API key, no network) are many types
+            raise ValueError(f"wandb could not start in mode {self.wandb_mode!r} ({e}); use "
+                             "logging.wandb_mode=offline (sync later with `wandb sync`) or disabled") from None
+        return sinks
 
 
 def _jsonable(v: Any) -> Any:
@@ -76,14 +107,6 @@ class WandbSink:
         for k, v in _flatten(summary).items():
             self.run.summary[k] = v
         self.run.finish()
-
-
-class NullSink:
-    def log(self, metrics: dict[str, Any]) -> None:
-        pass
-
-    def close(self, summary: dict[str, Any]) -> None:
-        pass
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

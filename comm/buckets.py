@@ -1,7 +1,8 @@
 """Gradient bucket size policies: how many bytes DDP packs into one all-reduce.
 
-Start at ``choose_bucket_bytes``: it turns a ``BucketConfig`` into a ``BucketChoice`` (the size, the policy
-and one readable line saying why, which it logs). Three policies:
+Start at ``choose_bucket_bytes``: it turns the comm/bucket option (a ``BucketConfig``, or a subclass: each
+policy is one class whose ``choose`` sizes the bucket, named by its YAML's ``_target_``) into a ``BucketChoice``
+(the size, the policy and one readable line saying why, which it logs). Three policies:
 
     fixed       bucket_cap_mb, as DDP takes it (torch's default 25 MiB)
     gpu_count   max(min_elements, elements_per_rank x data-parallel size) elements: Megatron-core's rule
@@ -28,7 +29,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,6 @@ from comm.hooks import synchronizer
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("fixed", "gpu_count", "cost_model")
 MIB = 2**20
 
 # Baichuan-7B trained with DeepSpeed's reduce_bucket_size = 1e8 *elements*. A ``fixed`` preset reproduces it
@@ -55,7 +55,11 @@ def _default_probe_sizes_kb() -> list[int]:
 
 @dataclass(kw_only=True)
 class BucketConfig:
-    policy: str = "fixed"  # fixed | gpu_count | cost_model
+    """The comm/bucket group's base, and its ``fixed`` policy; ``GpuCountBuckets`` and ``CostModelBuckets`` below
+    are the others. Every key stays settable on every option (the group's schema), so a sweep can vary any."""
+
+    option_field: ClassVar[str] = "policy"  # set by each class, not by the YAML (experiments.config schemas)
+    policy: str = "fixed"  # the policy's name, for logs and summary.json; the YAML's _target_ chooses the class
     bucket_cap_mb: float = 25.0  # fixed: DDP's bucket_cap_mb (MiB, 2**20 bytes)
     # gpu_count: max(min_elements, elements_per_rank x data-parallel size) elements (Megatron-core's rule)
     min_elements: int = 40_000_000
@@ -67,9 +71,10 @@ class BucketConfig:
     probe_iters: int = 5  # cost_model: timed all-reduces per probe size (the fastest counts)
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"comm.bucket.policy={self.policy!r} is unknown; use one of "
-                             f"{', '.join(POLICIES)}.")
+        own = next(f.default for f in dataclasses.fields(self) if f.name == "policy")
+        if self.policy != own:
+            raise ValueError(f"comm.bucket.policy={self.policy!r} does not choose the policy (this option is "
+                             f"{own!r}, class {type(self).__name__}); select it with comm/bucket={self.policy}")
         _check_positive("bucket_cap_mb", self.bucket_cap_mb)
         _check_positive("min_elements", self.min_elements)
         _check_positive("elements_per_rank", self.elements_per_rank)
@@ -81,6 +86,19 @@ class BucketConfig:
             raise ValueError(f"comm.bucket.probe_sizes_kb={list(self.probe_sizes_kb)} needs at least two "
                              "different positive sizes in KiB to fit latency and bandwidth; set e.g. "
                              "[4, 64, 1024, 8192].")
+
+    def choose(self, *, grad_elements: int, grad_element_bytes: int, world_size: int, backward_s: float | None,
+               reduce: Callable[[torch.Tensor], None] | None, device: torch.device) -> BucketChoice:
+        """This run's bucket (``choose_bucket_bytes`` validates the inputs, names the timed collective, logs)."""
+        n = int(self.bucket_cap_mb * MIB)
+        reason = f"fixed: bucket_cap_mb={self.bucket_cap_mb:g} = {n:,} bytes = {n / MIB:.1f} MiB"
+        return BucketChoice(bucket_bytes=n, policy=self.policy, reason=reason)
+
+    def cluster_bytes(self, *, grad_bytes: int, element_bytes: int, world_size: int, backward_s: float,
+                      alpha_beta: Callable[[], tuple[float, float]]) -> float:
+        """The bucket this policy gives on a modelled cluster (analysis.predictor): the same rule, with the
+        cluster's modelled (alpha, beta) in place of a measurement."""
+        return self.bucket_cap_mb * MIB
 
 
 def _check_positive(key: str, value: float) -> None:
@@ -245,34 +263,25 @@ def choose_bucket_bytes(cfg: BucketConfig, *, grad_elements: int, grad_element_b
                         backward_s: float | None = None,
                         reduce: MeasuredCollective | Callable[[torch.Tensor], None] | None = None,
                         device: torch.device = torch.device("cpu")) -> BucketChoice:
-    """The bucket size ``cfg.policy`` gives for this model and process group; logged with its reason.
+    """The bucket size the policy ``cfg`` gives for this model and process group; logged with its reason.
 
     grad_elements: gradient elements DDP reduces (the trainable parameters); grad_element_bytes: their size
     (4 for fp32 gradients, 2 for bf16); world_size: the data-parallel size. cost_model only: backward_s, the
     backward pass's time, reduce, the in-place all-reduce to time (collective: every rank calls this), and
     device, where the gradients live (the probe's tensors go there).
     """
-    if cfg.policy not in _POLICY_FNS:
-        raise ValueError(f"comm.bucket.policy={cfg.policy!r} is unknown; use one of {', '.join(POLICIES)}.")
     if grad_elements <= 0 or grad_element_bytes <= 0 or world_size < 1:
         raise ValueError(f"bucket sizing needs gradients and ranks: got grad_elements={grad_elements}, "
                          f"grad_element_bytes={grad_element_bytes}, world_size={world_size}; pass positive "
                          "counts.")
     name = reduce.name if isinstance(reduce, MeasuredCollective) else None
     reduce = reduce.reduce if isinstance(reduce, MeasuredCollective) else reduce
-    choice = _POLICY_FNS[cfg.policy](cfg, grad_elements=grad_elements, grad_element_bytes=grad_element_bytes,
-                                     world_size=world_size, backward_s=backward_s, reduce=reduce,
-                                     device=device)
+    choice = cfg.choose(grad_elements=grad_elements, grad_element_bytes=grad_element_bytes, world_size=world_size,
+                        backward_s=backward_s, reduce=reduce, device=device)
     reason = f"{choice.reason} (timed: {name})" if name and choice.alpha_s is not None else choice.reason
     choice = dataclasses.replace(choice, element_bytes=grad_element_bytes, reason=reason)
     log.info("gradient buckets: %s = %s elements of %d B", choice.reason, f"{choice.elements:,}", grad_element_bytes)
     return choice
-
-
-def _fixed(cfg: BucketConfig, **_) -> BucketChoice:
-    n = int(cfg.bucket_cap_mb * MIB)
-    reason = f"fixed: bucket_cap_mb={cfg.bucket_cap_mb:g} = {n:,} bytes = {n / MIB:.1f} MiB"
-    return BucketChoice(bucket_bytes=n, policy="fixed", reason=reason)
 
 
 def gpu_count_elements(cfg: BucketConfig, world_size: int) -> int:
@@ -281,40 +290,59 @@ def gpu_count_elements(cfg: BucketConfig, world_size: int) -> int:
     return max(cfg.min_elements, cfg.elements_per_rank * world_size)
 
 
-def _gpu_count(cfg: BucketConfig, *, grad_element_bytes: int, world_size: int, **_) -> BucketChoice:
-    elements = gpu_count_elements(cfg, world_size)
-    n = elements * grad_element_bytes
-    reason = (f"gpu_count: max({_short(cfg.min_elements)}, {_short(cfg.elements_per_rank)} x {world_size}) = "
-              f"{elements:,} elements x {grad_element_bytes} B = {n / MIB:.1f} MiB")
-    return BucketChoice(bucket_bytes=n, policy="gpu_count", reason=reason)
+@dataclass(kw_only=True)
+class GpuCountBuckets(BucketConfig):
+    """comm/bucket=gpu_count: the bucket grows with the data-parallel size (Megatron-core's rule)."""
+
+    policy: str = "gpu_count"
+
+    def choose(self, *, grad_element_bytes: int, world_size: int, **_) -> BucketChoice:
+        elements = gpu_count_elements(self, world_size)
+        n = elements * grad_element_bytes
+        reason = (f"gpu_count: max({_short(self.min_elements)}, {_short(self.elements_per_rank)} x {world_size}) = "
+                  f"{elements:,} elements x {grad_element_bytes} B = {n / MIB:.1f} MiB")
+        return BucketChoice(bucket_bytes=n, policy=self.policy, reason=reason)
+
+    def cluster_bytes(self, *, element_bytes: int, world_size: int, **_) -> float:
+        return gpu_count_elements(self, world_size) * element_bytes
 
 
-def _cost_model(cfg: BucketConfig, *, grad_elements: int, grad_element_bytes: int, world_size: int,
-                backward_s: float | None, reduce: Callable[[torch.Tensor], None] | None,
-                device: torch.device) -> BucketChoice:
-    if world_size == 1:
-        raise ValueError("comm.bucket.policy=cost_model needs several processes to measure; use fixed.")
-    if reduce is None:
-        raise ValueError("comm.bucket.policy=cost_model needs the all-reduce to time (pass reduce=, e.g. "
-                         "comm.hierarchical.flat_all_reduce); or use fixed.")
-    if backward_s is None or not backward_s >= 0:
-        raise ValueError(f"comm.bucket.policy=cost_model needs the backward time (backward_s={backward_s}); "
-                         "pass a measured value >= 0 or use fixed.")
-    alpha, beta = measure_alpha_beta(reduce, [kb * 1024 for kb in cfg.probe_sizes_kb], cfg.probe_iters, device)
-    grad_bytes = grad_elements * grad_element_bytes
-    n, exposed = best_candidate(cfg, grad_bytes=grad_bytes, backward_s=backward_s, alpha_s=alpha,
-                                beta_s_per_byte=beta)
-    capped = " (capped at the total)" if n == grad_bytes and n < max(cfg.candidates_mb) * MIB else ""
-    gbps = f"{1e-9 / beta:.2f} GB/s" if beta > 0 else "unlimited bandwidth"
-    reason = (f"cost_model: alpha {alpha * 1e6:.1f} us, {gbps}; {n / MIB:.2f} MiB{capped} minimises "
-              f"predicted exposed comm ({exposed * 1e3:.2f} ms) for {grad_bytes / MIB:.1f} MiB of gradients "
-              f"and a {backward_s * 1e3:.1f} ms backward")
-    return BucketChoice(bucket_bytes=n, policy="cost_model", reason=reason, alpha_s=alpha,
-                        beta_s_per_byte=beta, predicted_exposed_s=exposed)
+@dataclass(kw_only=True)
+class CostModelBuckets(BucketConfig):
+    """comm/bucket=cost_model: measure alpha and beta at start-up, take the candidate with the least predicted
+    exposed communication (the module docstring)."""
+
+    policy: str = "cost_model"
+
+    def choose(self, *, grad_elements: int, grad_element_bytes: int, world_size: int, backward_s: float | None,
+               reduce: Callable[[torch.Tensor], None] | None, device: torch.device) -> BucketChoice:
+        if world_size == 1:
+            raise ValueError("comm.bucket.policy=cost_model needs several processes to measure; use fixed.")
+        if reduce is None:
+            raise ValueError("comm.bucket.policy=cost_model needs the all-reduce to time (pass reduce=, e.g. "
+                             "comm.hierarchical.flat_all_reduce); or use fixed.")
+        if backward_s is None or not backward_s >= 0:
+            raise ValueError(f"comm.bucket.policy=cost_model needs the backward time (backward_s={backward_s}); "
+                             "pass a measured value >= 0 or use fixed.")
+        alpha, beta = measure_alpha_beta(reduce, [kb * 1024 for kb in self.probe_sizes_kb], self.probe_iters,
+                                         device)
+        grad_bytes = grad_elements * grad_element_bytes
+        n, exposed = best_candidate(self, grad_bytes=grad_bytes, backward_s=backward_s, alpha_s=alpha,
+                                    beta_s_per_byte=beta)
+        capped = " (capped at the total)" if n == grad_bytes and n < max(self.candidates_mb) * MIB else ""
+        gbps = f"{1e-9 / beta:.2f} GB/s" if beta > 0 else "unlimited bandwidth"
+        reason = (f"cost_model: alpha {alpha * 1e6:.1f} us, {gbps}; {n / MIB:.2f} MiB{capped} minimises "
+                  f"predicted exposed comm ({exposed * 1e3:.2f} ms) for {grad_bytes / MIB:.1f} MiB of gradients "
+                  f"and a {backward_s * 1e3:.1f} ms backward")
+        return BucketChoice(bucket_bytes=n, policy=self.policy, reason=reason, alpha_s=alpha,
+                            beta_s_per_byte=beta, predicted_exposed_s=exposed)
+
+    def cluster_bytes(self, *, grad_bytes: int, backward_s: float, alpha_beta: Callable[[], tuple[float, float]],
+                      **_) -> float:
+        alpha, beta = alpha_beta()
+        return best_candidate(self, grad_bytes=int(grad_bytes), backward_s=backward_s, alpha_s=alpha,
+                              beta_s_per_byte=beta)[0]
 
 
 def _short(n: int) -> str:
     return f"{n / 1e6:g}M" if n % 100_000 == 0 else f"{n:,}"
-
-
-_POLICY_FNS = {"fixed": _fixed, "gpu_count": _gpu_count, "cost_model": _cost_model}

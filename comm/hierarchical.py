@@ -17,16 +17,19 @@ Algorithms (in place, SUM; results are bit-identical on every rank, as DDP repli
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 import torch.distributed as dist
 
+from comm.hooks import AlgorithmConfig
 from comm.slowlink import SlowLink, flat_inter_node_delay, hierarchical_inter_node_delay
 # The groups live with the topology they come from; re-exported here beside the collectives that use them.
 from comm.topology import HierarchicalGroups, Topology, build_groups
 
-__all__ = ["HierarchicalGroups", "build_groups", "flat_all_reduce", "hierarchical_all_reduce"]
+__all__ = ["FlatAllReduce", "HierarchicalAllReduce", "HierarchicalGroups", "build_groups", "flat_all_reduce",
+           "hierarchical_all_reduce"]
 
 # torch 2.13 renamed the single-tensor collectives (the old names warn); older torch lacks the new names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -119,3 +122,29 @@ def _maybe_wait(link: SlowLink | None, seconds: float) -> None:
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+# The comm/algorithm options that run these collectives through chuanliu's DDP hook (comm/hooks.py).
+
+@dataclass(kw_only=True)
+class FlatAllReduce(AlgorithmConfig):
+    """comm/algorithm=flat: the backend's all-reduce over every rank (+ the emulated inter-node delay)."""
+
+    name: str = "flat"
+    overlaps_always: ClassVar[bool] = False  # comm/overlap decides
+
+    def build(self, groups: HierarchicalGroups, link: SlowLink) -> Callable[[torch.Tensor], None]:
+        topo = groups.topology
+        return lambda t: flat_all_reduce(t, link=link, topo=topo)
+
+
+@dataclass(kw_only=True)
+class HierarchicalAllReduce(AlgorithmConfig):
+    """comm/algorithm=hierarchical: the two-level all-reduce of this module."""
+
+    name: str = "hierarchical"
+    predictor_collective: ClassVar[str] = "hierarchical"
+    overlaps_always: ClassVar[bool] = False
+
+    def build(self, groups: HierarchicalGroups, link: SlowLink) -> Callable[[torch.Tensor], None]:
+        return lambda t: hierarchical_all_reduce(t, groups, link=link)

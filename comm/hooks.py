@@ -1,8 +1,8 @@
 """DDP communication hooks running chuanliu's collectives, with overlap control and exposed-communication timing.
 
-    reduce_hook(state, bucket)   averages the bucket and runs state.reduce on it: comm/algorithm=flat gives the
-                                 backend's all-reduce (plus the emulated inter-node delay, if any), hierarchical
-                                 the two-level all-reduce (comm.hierarchical)
+    reduce_hook(state, bucket)   averages the bucket and runs state.reduce on it: the all-reduce the
+                                 comm/algorithm option's ``build`` returns (comm/hierarchical.py: flat, the
+                                 backend's all-reduce plus the emulated inter-node delay; hierarchical, two-level)
 
 Each hook hands its bucket to one worker thread per state and returns a torch Future that the thread completes
 once the bucket is really reduced, so collectives run in bucket order while autograd keeps computing: that is
@@ -27,27 +27,45 @@ different groups, and the emulated slow link sleeps; both would block autograd's
 """
 # No `from __future__ import annotations`: DDP.register_comm_hook checks the hooks' annotations at runtime and
 # refuses string ones ("bucket annotation should be dist.GradBucket").
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.distributed as dist
 
-from comm.hierarchical import flat_all_reduce, hierarchical_all_reduce
 from comm.slowlink import SlowLink
 from comm.topology import HierarchicalGroups
 
 
 @dataclass(kw_only=True)
 class AlgorithmConfig:
-    name: str = "native"  # native (DDP's built-in all-reduce; no comm timing), flat or hierarchical
+    """The comm/algorithm group's base, and its ``native`` option: the engine's own reduction (DDP's built-in
+    all-reduce, C++, overlapped), no chuanliu hook and so no comm timing. Every other option is a subclass (one
+    class and one YAML naming it as ``_target_``) whose ``build`` returns the in-place SUM all-reduce the hook
+    runs; comm/hierarchical.py holds ``flat`` and ``hierarchical``."""
+
+    name: str = "native"  # the option's name, for logs and summary.json; the YAML's _target_ chooses the class
+    # How analysis.predictor models this algorithm on a cluster: "nccl" (the library's ring/tree) or
+    # "hierarchical" (two-level: intra-node reduce-scatter, inter-node all-reduce, intra-node all-gather).
+    predictor_collective: ClassVar[str] = "nccl"
+    overlaps_always: ClassVar[bool] = True  # the engine's own reduction overlaps whatever comm/overlap says
 
     def __post_init__(self) -> None:
-        if self.name not in ("native", "flat", "hierarchical"):
-            raise ValueError(f"comm.algorithm.name={self.name!r} is unknown; use native, flat or hierarchical")
+        own = next(f.default for f in dataclasses.fields(self) if f.name == "name")
+        if self.name != own:
+            raise ValueError(f"comm.algorithm.name={self.name!r} does not choose the algorithm (this option is "
+                             f"{own!r}, class {type(self).__name__}); select it with comm/algorithm={self.name}")
+
+    def build(self, groups: HierarchicalGroups, link: SlowLink) -> "Callable[[torch.Tensor], object] | None":
+        """The all-reduce chuanliu's hook runs, or None: the engine reduces by itself."""
+        if link.enabled:
+            raise ValueError("the emulated slow link (comm.link) sits in chuanliu's collectives; use "
+                             "comm/algorithm=flat or hierarchical with it")
+        return None
 
 
 @dataclass(kw_only=True)
@@ -173,17 +191,10 @@ def reduce_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Futu
 def build_comm_hook(algorithm: AlgorithmConfig, overlap: OverlapConfig, groups: HierarchicalGroups,
                     link: SlowLink, device: torch.device = torch.device("cpu"),
                     ) -> "tuple[Callable, CommState] | None":
-    """The (hook, state) pair for DDP.register_comm_hook, or None for DDP's native all-reduce. ``device``: where
-    the gradients live (it picks the timer)."""
-    if algorithm.name == "native":  # the engine's own reduction (overlap=off is each engine's to honour or refuse)
-        if link.enabled:
-            raise ValueError("the emulated slow link (comm.link) sits in chuanliu's collectives; use "
-                             "comm/algorithm=flat or hierarchical with it")
+    """The (hook, state) pair for DDP.register_comm_hook, or None for the engine's own all-reduce (overlap=off is
+    then each engine's to honour or refuse). ``device``: where the gradients live (it picks the timer)."""
+    reduce = algorithm.build(groups, link)
+    if reduce is None:
         return None
-    topo = groups.topology
-    if algorithm.name == "flat":
-        reduce = lambda t: flat_all_reduce(t, link=link, topo=topo)  # noqa: E731
-    else:
-        reduce = lambda t: hierarchical_all_reduce(t, groups, link=link)  # noqa: E731
-    return reduce_hook, CommState(reduce=reduce, world_size=topo.world_size, overlap=overlap.enabled,
+    return reduce_hook, CommState(reduce=reduce, world_size=groups.topology.world_size, overlap=overlap.enabled,
                                   timer=build_timer(device))

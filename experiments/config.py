@@ -16,6 +16,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from comm.engines import current_target
+
 T = TypeVar("T")
 
 
@@ -25,10 +27,15 @@ class ConfigError(ValueError):
 
 def typed(node: DictConfig, key: str, cls: type[T] | None = None) -> T:
     """Validate ``node`` (found at config key ``key``) against a dataclass and return an instance of it."""
+    if node is None:
+        raise ConfigError(f"the config has no {key}; select an option of conf/{key.replace('.', '/')}/ or add it")
     raw = OmegaConf.to_container(node, resolve=True)
     target = raw.pop("_target_", None)
+    if cls is None and target is None:
+        raise ConfigError(f"{key} names no _target_ (its config class); add `_target_: <module>.<Class>` to the "
+                          f"YAML of conf/{key.replace('.', '/')}/")
     try:
-        cls = cls or get_class(target)
+        cls = cls or get_class(current_target(target, key))
     except Exception as e:  # hydra raises a bare ImportError/ValueError chain
         raise ConfigError(f"{key}._target_={target!r} cannot be imported ({e}); fix the YAML") from None
     if not dataclasses.is_dataclass(cls):
@@ -66,8 +73,12 @@ def register_schemas() -> None:
 
     store = ConfigStore.instance()
     for name, target in SCHEMAS.items():
-        # A plain node, not a structured one: values are checked by typed(), whose errors name the key.
-        node = {"_target_": target, **OmegaConf.to_container(OmegaConf.structured(get_class(target)))}
+        # A plain node, not a structured one: values are checked by typed(), whose errors name the key. The field
+        # that names an option (``option_field``) is left to each option's class, so its default is the class's.
+        cls = get_class(target)
+        values = OmegaConf.to_container(OmegaConf.structured(cls))
+        values.pop(getattr(cls, "option_field", None), None)
+        node = {"_target_": target, **values}
         store.store(group="schema", name=name, node=node)
 
 

@@ -36,7 +36,7 @@ import torch
 
 from analysis.flops import Recompute, flops_per_token
 from analysis.peaks import cpu_name, gpu_peak, measure_gemm_flops
-from comm.ddp import DDPConfig
+from comm.engines.ddp import DDPConfig
 from comm.hooks import synchronizer
 from experiments.memory import USABLE_FRACTION, MemoryEstimate, estimate_memory
 from systems import capabilities as caps

@@ -16,6 +16,7 @@ import platform
 import random
 import socket
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from analysis.flops import Recompute, flops_per_token, matmul_params
 from analysis.metrics import MetricsProcessor
 from analysis.peaks import Peak, calibrate_cpu_peak, cpu_name, gpu_peak
-from analysis.sinks import ConsoleSink, JsonlSink, NullSink, WandbSink
+from analysis.sinks import LoggingConfig
 from comm.buckets import BucketChoice, BucketConfig, MeasuredCollective, choose_bucket_bytes, estimate_backward_s
-from comm.engine import Engine, EngineInputs, replica_digests
+from comm.engines.engine import Engine, EngineInputs, replica_digests
 from comm.hierarchical import flat_all_reduce
 from comm.hooks import AlgorithmConfig, OverlapConfig, build_comm_hook, synchronizer
 from comm.slowlink import LinkConfig, SlowLink
@@ -81,19 +82,6 @@ class HardwareConfig:
     peak_tflops: float | None = None  # override the per-device dense peak (TFLOPS, run's dtype) used for MFU
     recalibrate: bool = False  # CPU: measure the GEMM peak again instead of using the cached figure
     cache_dir: str = "~/.cache/chuanliu"  # where the CPU peak calibration is cached ($CHUANLIU_CACHE wins)
-
-
-@dataclass(kw_only=True)
-class LoggingConfig:
-    wandb_mode: str = "offline"  # offline (default: no network, sync later), online or disabled
-    project: str = "chuanliu"  # wandb project
-    group: str | None = None  # wandb group (runs of one sweep share one)
-    tags: list[str] = field(default_factory=list)  # wandb tags
-    progress_bar: bool = True  # tqdm bar on rank 0
-
-    def __post_init__(self) -> None:
-        if self.wandb_mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"logging.wandb_mode={self.wandb_mode!r} is unknown; use offline, online or disabled")
 
 
 @dataclass
@@ -156,20 +144,6 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
-def build_sinks(log_cfg: LoggingConfig, train: TrainConfig, run_dir: Path, cfg: DictConfig) -> list:
-    sinks = [ConsoleSink(train.log_every, train.steps, write=tqdm.write), JsonlSink(run_dir / "metrics.jsonl")]
-    if log_cfg.wandb_mode == "disabled":
-        return sinks + [NullSink()]
-    try:
-        sinks.append(WandbSink(mode=log_cfg.wandb_mode, project=log_cfg.project, run_dir=run_dir,
-                               config=plain(cfg), group=log_cfg.group, tags=list(log_cfg.tags),
-                               name=run_dir.name))
-    except Exception as e:  # wandb's own errors (no API key, no network) are many types
-        raise ConfigError(f"wandb could not start in mode {log_cfg.wandb_mode!r} ({e}); use "
-                          "logging.wandb_mode=offline (sync later with `wandb sync`) or disabled") from None
-    return sinks
-
-
 def _optimizer_and_schedule(model: torch.nn.Module, optim_cfg: OptimConfig, steps: int):
     optimizer = build_optimizer(model, optim_cfg)
     return optimizer, build_scheduler(optimizer, optim_cfg, steps)
@@ -186,7 +160,7 @@ class Settings:
     hardware: HardwareConfig
     logging: LoggingConfig
     optim: OptimConfig
-    engine: Any  # an engine config: build(EngineInputs) -> Engine, state_bytes(...) (comm/engine.py)
+    engine: Any  # an engine config: build(EngineInputs) -> Engine, state_bytes(...) (comm/engines/engine.py)
     fusion: FusionConfig
     splitting: SplittingConfig
     topology: TopologyConfig
@@ -199,21 +173,24 @@ class Settings:
     watchdog: WatchdogConfig
 
 
+# Settings field -> config key. Every node names its class with _target_ (conf/); typed() builds and checks it.
+GROUPS = {"train": "train", "model": "model", "data": "data", "precision": "precision", "hardware": "hardware",
+          "logging": "logging", "optim": "optim", "engine": "engine", "fusion": "fusion", "splitting": "splitting",
+          "topology": "comm.topology", "algorithm": "comm.algorithm", "overlap": "comm.overlap", "link": "comm.link",
+          "bucket": "comm.bucket", "checkpoint": "fault.checkpoint", "chaos": "fault.chaos",
+          "watchdog": "fault.watchdog"}
+
+
 def read_settings(cfg: DictConfig) -> Settings:
-    c, f = cfg.comm, cfg.fault
-    s = Settings(
-        train=typed(cfg.train, "train", TrainConfig), model=typed(cfg.model, "model", ModelConfig),
-        data=typed(cfg.data, "data", DataConfig), precision=typed(cfg.precision, "precision"),
-        hardware=typed(cfg.hardware, "hardware", HardwareConfig),
-        logging=typed(cfg.logging, "logging", LoggingConfig), optim=typed(cfg.optim, "optim", OptimConfig),
-        engine=typed(cfg.engine, "engine"), fusion=typed(cfg.fusion, "fusion", FusionConfig),
-        splitting=typed(cfg.splitting, "splitting", SplittingConfig),
-        topology=typed(c.topology, "comm.topology", TopologyConfig),
-        algorithm=typed(c.algorithm, "comm.algorithm", AlgorithmConfig),
-        overlap=typed(c.overlap, "comm.overlap", OverlapConfig), link=typed(c.link, "comm.link", LinkConfig),
-        bucket=typed(c.bucket, "comm.bucket", BucketConfig),
-        checkpoint=typed(f.checkpoint, "fault.checkpoint", CheckpointConfig),
-        chaos=typed(f.chaos, "fault.chaos", ChaosConfig), watchdog=typed(f.watchdog, "fault.watchdog", WatchdogConfig))
+    hints = typing.get_type_hints(Settings)
+    values = {}
+    for name, key in GROUPS.items():
+        value = typed(OmegaConf.select(cfg, key), key)
+        if hints[name] is not Any and not isinstance(value, hints[name]):
+            raise ConfigError(f"{key}._target_ names {type(value).__name__}, not a subclass of "
+                              f"{hints[name].__name__}; fix the YAML's _target_")
+        values[name] = value
+    s = Settings(**values)
     check_fault_config(s.checkpoint, s.chaos, s.watchdog)
     if s.train.seq_len > s.model.max_seq_len:
         raise ConfigError(f"train.seq_len={s.train.seq_len} exceeds model.max_seq_len={s.model.max_seq_len}; "
@@ -350,7 +327,8 @@ def build_metrics(s: Settings, cfg: DictConfig, run_dir: Path, info: DistInfo, w
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(run_dir / "tokenizer.model")
-        sinks = build_sinks(s.logging, s.train, run_dir, cfg)
+        sinks = s.logging.build(run_dir=run_dir, config=plain(cfg), log_every=s.train.log_every,
+                                total_steps=s.train.steps, write=tqdm.write)
         log.info("peak for MFU: %s", work.peak.method)
         log.info("engine: %s", ", ".join(f"{k}={v}" for k, v in engine.knobs.items()))
         for reason in engine.unhonoured:
@@ -367,11 +345,11 @@ def build_metrics(s: Settings, cfg: DictConfig, run_dir: Path, info: DistInfo, w
 
 
 def check_fault_config(ckpt: CheckpointConfig, chaos: ChaosConfig, watchdog: WatchdogConfig) -> None:
-    kinds = {f.kind for f in chaos.faults} | (set(chaos.kinds) if chaos.mtbf_steps else set())
-    if "hang" in kinds and not watchdog.enabled:
+    kinds = chaos.kinds_used()
+    if any(k.needs_watchdog for k in kinds) and not watchdog.enabled:
         raise ConfigError("a hang fault needs the watchdog (fault.watchdog.enabled=true); without it the job "
                           "would wait out the process-group timeout")
-    if kinds & {"corrupt_checkpoint", "kill_mid_save", "slow_io"} and not ckpt.enabled:
+    if any(k.needs_checkpoint for k in kinds) and not ckpt.enabled:
         raise ConfigError(f"fault.chaos={chaos.name} injects into checkpoints but fault/checkpoint is off; use "
                           "fault/checkpoint=sync or async")
     if kinds and not ckpt.enabled:

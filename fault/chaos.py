@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -52,7 +53,6 @@ from fault.progress import run_queue_s
 
 log = logging.getLogger(__name__)
 
-KINDS = ("kill", "hang", "slow", "nan_loss", "exception", "corrupt_checkpoint", "kill_mid_save", "slow_io")
 HANG_PLACES = ("step_start", "forward", "allreduce", "optimizer", "sigstop")
 
 
@@ -62,7 +62,7 @@ class ChaosError(RuntimeError):
 
 @dataclass(kw_only=True)
 class FaultSpec:
-    kind: str  # one of KINDS
+    kind: str  # one of KINDS (a FaultKind subclass's ``kind``)
     step: int | None  # fires at this step (kill_mid_save, slow_io: the first save at or after it); None: drawn
     rank: int | None = None  # target rank; None: drawn from the chaos seed
     where: str = "step_start"  # hang: one of HANG_PLACES, or random (drawn from the chaos seed)
@@ -102,6 +102,11 @@ class ChaosConfig:
         for kind in self.kinds:
             if kind not in KINDS:
                 raise ValueError(f"fault.chaos.kinds: {kind!r} is unknown; use some of {', '.join(KINDS)}")
+
+    def kinds_used(self) -> list[type[FaultKind]]:
+        """The kinds this config can inject (its explicit faults, and the drawn kinds under mtbf_steps)."""
+        names = {f.kind for f in self.faults} | (set(self.kinds) if self.mtbf_steps else set())
+        return [KINDS[n] for n in sorted(names)]
 
     def schedule(self, *, total_steps: int, world_size: int) -> list[FaultSpec]:
         """The faults of this run, in step order, every rank resolved; identical on every rank."""
@@ -155,23 +160,8 @@ class Chaos:
         """Install the hooks the pending faults strike from: NaN on the output (nan_loss); for a hang, a pre-hook on
         the middle block (forward), a gradient hook on the embedding's output (allreduce), a global optimizer step
         pre-hook (optimizer)."""
-        kinds = {f.kind for _, f in self.pending}
-        places = {f.where for _, f in self.pending if f.kind == "hang"}
-        if "nan_loss" in kinds:
-            model.register_forward_hook(lambda m, args, out: out * float("nan") if self._nan_step else out)
-        if "forward" in places:
-            blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
-            target = blocks[len(blocks) // 2] if blocks else model
-            target.register_forward_pre_hook(lambda m, args: self._strike("forward"))
-        if "allreduce" in places:
-            embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), model)
-
-            def on_output(m, args, out):
-                if isinstance(out, torch.Tensor) and out.requires_grad:
-                    out.register_hook(lambda grad: self._strike("allreduce"))
-            embedding.register_forward_hook(on_output)
-        if "optimizer" in places:
-            register_optimizer_step_pre_hook(lambda opt, args, kwargs: self._strike("optimizer"))
+        for kind in {f.kind for _, f in self.pending}:
+            KINDS[kind].attach(self, model, [f for _, f in self.pending if f.kind == kind])
 
     def _strike(self, where: str) -> None:
         if self._armed is not None and self._armed[1].where == where:
@@ -200,35 +190,9 @@ class Chaos:
             self._last_step_s = now - self._step_started
         self._step, self._step_started = step, now
         self._nan_step = None
-        due = self._due(step, ("kill", "hang", "exception", "corrupt_checkpoint", "slow", "nan_loss"))
-        if due is None:
-            return
-        fault_id, f = due
-        if f.kind == "corrupt_checkpoint":
-            corrupted = corrupt_newest(self.checkpoint_dir)
-            self._record(fault_id, f, step, corrupted=str(corrupted) if corrupted else None)
-            _die()
-        if f.kind == "hang" and f.where == "sigstop":
-            # Somewhere inside this step, whatever it is doing: a step's compute is about 3 forwards (the previous
-            # step's whole time would also count its checkpoint save and could carry the freeze past the run's end).
-            span = min(self._last_step_s, 3 * self._last_forward_s) if self._last_forward_s else self._last_step_s
-            delay = self._rng.uniform(0.0, span)
-            threading.Thread(target=self._freeze, args=(fault_id, f, step, delay), daemon=True).start()
-            return
-        if f.kind == "hang" and f.where != "step_start":
-            self._armed = due
-            return
-        self._record(fault_id, f, step, **({"where": f.where} if f.kind == "hang" else {}))
-        if f.kind == "kill":
-            _die()
-        elif f.kind == "hang":
-            _hang_forever()
-        elif f.kind == "exception":
-            raise ChaosError(f"chaos: injected exception on rank {self.rank} at step {step}")
-        elif f.kind == "slow":
-            self._slow = due
-        elif f.kind == "nan_loss":
-            self._nan_step = step
+        due = self._due(step, STEP_START_KINDS)
+        if due is not None:
+            KINDS[due[1].kind].strike(self, *due, step)
 
     def _freeze(self, fault_id: int, f: FaultSpec, step: int, delay: float) -> None:
         time.sleep(delay)
@@ -285,6 +249,137 @@ class Chaos:
                 self._record(*due, step)
                 _die()
         return hook
+
+
+# ---------------------------------------------------------------- the kinds
+# One class per kind: where it strikes (``at``), what it installs on the model (``attach``), what it does when due
+# (``strike``). Adding a kind is one class here and one YAML in conf/fault/chaos/ (its ``kind`` is the name).
+
+class FaultKind:
+    kind: ClassVar[str]
+    at: ClassVar[str] = "step_start"  # step_start (Chaos.step_start), save (io_throttle) or commit (before_commit)
+    needs_watchdog: ClassVar[bool] = False  # only the watchdog ends it (else the process-group timeout would)
+    needs_checkpoint: ClassVar[bool] = False  # it injects into checkpoints
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        KINDS[cls.kind] = cls
+
+    @staticmethod
+    def attach(chaos: Chaos, model: nn.Module, faults: list[FaultSpec]) -> None:
+        """Hooks on the model this kind strikes from (none by default)."""
+
+    @staticmethod
+    def strike(chaos: Chaos, fault_id: int, f: FaultSpec, step: int) -> None:
+        raise NotImplementedError
+
+
+KINDS: dict[str, type[FaultKind]] = {}
+
+
+class Kill(FaultKind):
+    kind = "kill"
+
+    @staticmethod
+    def strike(chaos: Chaos, fault_id: int, f: FaultSpec, step: int) -> None:
+        chaos._record(fault_id, f, step)
+        _die()
+
+
+class Hang(FaultKind):
+    kind = "hang"
+    needs_watchdog = True
+
+    @staticmethod
+    def attach(chaos: Chaos, model: nn.Module, faults: list[FaultSpec]) -> None:
+        """A pre-hook on the middle block (forward), a gradient hook on the embedding's output (allreduce), a
+        global optimizer step pre-hook (optimizer)."""
+        places = {f.where for f in faults}
+        if "forward" in places:
+            blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
+            target = blocks[len(blocks) // 2] if blocks else model
+            target.register_forward_pre_hook(lambda m, args: chaos._strike("forward"))
+        if "allreduce" in places:
+            embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), model)
+
+            def on_output(m, args, out):
+                if isinstance(out, torch.Tensor) and out.requires_grad:
+                    out.register_hook(lambda grad: chaos._strike("allreduce"))
+            embedding.register_forward_hook(on_output)
+        if "optimizer" in places:
+            register_optimizer_step_pre_hook(lambda opt, args, kwargs: chaos._strike("optimizer"))
+
+    @staticmethod
+    def strike(chaos: Chaos, fault_id: int, f: FaultSpec, step: int) -> None:
+        if f.where == "sigstop":
+            # Somewhere inside this step, whatever it is doing: a step's compute is about 3 forwards (the previous
+            # step's whole time would also count its checkpoint save and could carry the freeze past the run's end).
+            span = (min(chaos._last_step_s, 3 * chaos._last_forward_s) if chaos._last_forward_s
+                    else chaos._last_step_s)
+            delay = chaos._rng.uniform(0.0, span)
+            threading.Thread(target=chaos._freeze, args=(fault_id, f, step, delay), daemon=True).start()
+        elif f.where != "step_start":
+            chaos._armed = (fault_id, f)  # strikes at its place in this step (attach's hooks)
+        else:
+            chaos._record(fault_id, f, step, where=f.where)
+            _hang_forever()
+
+
+class Slow(FaultKind):
+    kind = "slow"
+
+    @staticmethod
+    def strike(chaos: Chaos, fault_id: int, f: FaultSpec, step: int) -> None:
+        chaos._record(fault_id, f, step)
+        chaos._slow = (fault_id, f)  # Chaos.forward stretches each forward from now on
+
+
+class NanLoss(FaultKind):
+    kind = "nan_loss"
+
+    @staticmethod
+    def attach(chaos: Chaos, model: nn.Module, faults: list[FaultSpec]) -> None:
+        model.register_forward_hook(lambda m, args, out: out * float("nan") if chaos._nan_step else out)
+
+    @staticmethod
+    def strike(chaos: Chaos, fault_id: int, f: FaultSpec, step: int) -> None:
+        chaos._record(fault_id, f, step)
+        chaos._nan_step = step
+
+
+class RaiseException(FaultKind):
+    kind = "exception"
+
+    @staticmethod
+    def strike(chaos: Chaos, fault_id: int, f: FaultSpec, step: int) -> None:
+        chaos._record(fault_id, f, step)
+        raise ChaosError(f"chaos: injected exception on rank {chaos.rank} at step {step}")
+
+
+class CorruptCheckpoint(FaultKind):
+    kind = "corrupt_checkpoint"
+    needs_checkpoint = True
+
+    @staticmethod
+    def strike(chaos: Chaos, fault_id: int, f: FaultSpec, step: int) -> None:
+        corrupted = corrupt_newest(chaos.checkpoint_dir)
+        chaos._record(fault_id, f, step, corrupted=str(corrupted) if corrupted else None)
+        _die()
+
+
+class KillMidSave(FaultKind):
+    kind = "kill_mid_save"
+    needs_checkpoint = True
+    at = "commit"  # Chaos.before_commit strikes it
+
+
+class SlowIo(FaultKind):
+    kind = "slow_io"
+    needs_checkpoint = True
+    at = "save"  # Chaos.io_throttle strikes it
+
+
+STEP_START_KINDS = tuple(k for k, cls in KINDS.items() if cls.at == "step_start")
 
 
 def _hang_forever() -> None:

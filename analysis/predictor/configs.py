@@ -15,6 +15,7 @@ from typing import Any
 
 from analysis.predictor.inputs import GPU, Cluster, ModelShape, Techniques
 from comm.buckets import BucketConfig
+from comm.engines import current_target
 from comm.hooks import AlgorithmConfig, OverlapConfig
 from comm.slowlink import LinkConfig
 from fault.checkpoint import CheckpointConfig
@@ -40,8 +41,15 @@ def typed(node: dict | None, cls: type, key: str) -> Any:
     from omegaconf.errors import OmegaConfBaseException
 
     raw = dict(node or {})
-    raw.pop("_target_", None)
+    target = raw.pop("_target_", None)
     raw.pop("defaults", None)  # an option YAML read as is: Hydra's composition list, not a value
+    if target:  # an option's own class (e.g. comm.hierarchical.FlatAllReduce for comm.algorithm)
+        from hydra.utils import get_class
+
+        option = get_class(current_target(target, key))
+        if not (isinstance(option, type) and issubclass(option, cls)):
+            raise ValueError(f"{key}._target_={target} is not a {cls.__name__}")
+        cls = option
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), raw))
     except (OmegaConfBaseException, ValueError, TypeError) as e:
@@ -107,8 +115,8 @@ def techniques_from_configs(*, fusion: FusionConfig, splitting: SplittingConfig,
         recompute="full" if splitting.recompute_layers else ("selective" if splitting.recompute_attention
                                                              else "none"),
         recompute_mlp=splitting.recompute_mlp or splitting.tiled_mlp, precision=dtype,
-        collective="hierarchical" if algorithm.name == "hierarchical" else "nccl",
-        bucket=bucket, overlap=True if algorithm.name == "native" else overlap.enabled,
+        collective=algorithm.predictor_collective, bucket=bucket,
+        overlap=algorithm.overlaps_always or overlap.enabled,
         checkpoint_block_s=5.0 if checkpoint.mode == "async" else 60.0)
     if "bucket_bytes" in eng:
         eng["bucket"] = None  # the engine's own bucket setting wins over comm/bucket, as in the trainer
@@ -126,7 +134,7 @@ def _engine_config(node: dict) -> Any:
     target = (node or {}).get("_target_")
     if not target:
         raise ValueError("engine has no _target_; the predictor needs the engine's config class (conf/engine/)")
-    return typed(node, get_class(target), "engine")
+    return typed(node, get_class(current_target(target)), "engine")
 
 
 def techniques_from_config(cfg: dict) -> Mapped:

@@ -26,7 +26,7 @@ from analysis.predictor.fitted import efficiencies_for
 from analysis.predictor.goodput import job_goodput
 from analysis.predictor.inputs import GB, Cluster, ModelShape, Techniques
 from analysis.predictor.memory import peak_memory_bytes
-from comm.buckets import BucketConfig, best_candidate, gpu_count_elements, predict_exposed_s
+from comm.buckets import BucketConfig, predict_exposed_s
 
 CONVENTION = "palm"
 
@@ -60,14 +60,13 @@ class _Comm:
 def bucket_bytes(t: Techniques, m: ModelShape, c: Cluster, backward_s: float) -> float:
     """The bucket comm/buckets.py's policy would choose on this cluster (fixed when no policy is given)."""
     cfg: BucketConfig | None = t.bucket
-    if cfg is None or cfg.policy == "fixed":
-        return t.bucket_bytes if cfg is None else cfg.bucket_cap_mb * 2**20
-    if cfg.policy == "gpu_count":
-        return gpu_count_elements(cfg, c.gpus) * t.reduce_bytes
-    grad = m.total_params() * t.reduce_bytes  # cost_model: the policy's own choice with this cluster's alpha-beta
+    if cfg is None:
+        return t.bucket_bytes
     kind = "reducescatter" if t.zero_stage == 2 else "allreduce"
-    alpha, beta = coll.alpha_beta(kind, 25 * 2**20, c, c.gpus, t.nccl_algo, t.collective)
-    return best_candidate(cfg, grad_bytes=int(grad), backward_s=backward_s, alpha_s=alpha, beta_s_per_byte=beta)[0]
+    # The policy's own rule; a measuring policy (cost_model) gets this cluster's modelled alpha-beta instead.
+    return cfg.cluster_bytes(grad_bytes=int(m.total_params() * t.reduce_bytes), element_bytes=t.reduce_bytes,
+                             world_size=c.gpus, backward_s=backward_s,
+                             alpha_beta=lambda: coll.alpha_beta(kind, 25 * 2**20, c, c.gpus, t.nccl_algo, t.collective))
 
 
 def _bucketed(kind: str, n: float, bucket: float, c: Cluster, t: Techniques, window_s: float | None) -> _Comm:

@@ -19,17 +19,17 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from comm.buckets import MIB, BucketChoice, BucketConfig, choose_bucket_bytes
+from comm.buckets import MIB, BucketChoice, BucketConfig, CostModelBuckets, GpuCountBuckets, choose_bucket_bytes
 from comm.hierarchical import flat_all_reduce
 from tests.helpers import free_port, spawn
 
 WORLD = 2
 WIDTH, LAYERS = 512, 8  # 8 x (512 x 512 + 512) fp32 parameters = 8.0 MiB of gradients; largest tensor 1 MiB
 CONFIGS = {
-    "fixed": BucketConfig(policy="fixed", bucket_cap_mb=1.0),
-    "gpu_count": BucketConfig(policy="gpu_count"),  # 40M elements: larger than the model, so one bucket
-    "gpu_count_scaled": BucketConfig(policy="gpu_count", min_elements=100_000, elements_per_rank=300_000),
-    "cost_model": BucketConfig(policy="cost_model", probe_sizes_kb=[4, 1024, 8192, 16384], probe_iters=5),
+    "fixed": BucketConfig(bucket_cap_mb=1.0),
+    "gpu_count": GpuCountBuckets(),  # 40M elements: larger than the model, so one bucket
+    "gpu_count_scaled": GpuCountBuckets(min_elements=100_000, elements_per_rank=300_000),
+    "cost_model": CostModelBuckets(probe_sizes_kb=[4, 1024, 8192, 16384], probe_iters=5),
 }
 BACKWARD_S = 0.02  # the backward time handed to the cost model (any fixed value: the test checks agreement)
 

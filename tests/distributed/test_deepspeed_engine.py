@@ -34,7 +34,7 @@ def _init(rank: int, port: int) -> None:
 
 
 def _inputs(dtype: str, **kw):
-    from comm.engine import EngineInputs
+    from comm.engines.engine import EngineInputs
     from systems.model import ModelConfig, build_model
     from systems.optim import OptimConfig, build_optimizer, build_scheduler
 
@@ -58,8 +58,8 @@ def _train(engine, rank: int, dtype: str) -> None:
 
 
 def _parity_worker(rank: int, port: int, out: str, cases: list) -> None:
-    from comm.ddp import DDPConfig
-    from comm.deepspeed_engine import DeepSpeedConfig
+    from comm.engines.ddp import DDPConfig
+    from comm.engines.deepspeed import DeepSpeedConfig
 
     _init(rank, port)
     for dtype in sorted({d for _, d in cases}):
@@ -97,7 +97,7 @@ def test_zero_stages_match_ddp(tmp_path):
 
 
 def test_fp16_is_refused_with_the_way_out():
-    from comm.deepspeed_engine import DeepSpeedConfig
+    from comm.engines.deepspeed import DeepSpeedConfig
 
     with pytest.raises(ValueError, match="DeepSpeed refuses fp16 on CPU.*precision=bf16"):
         DeepSpeedConfig().ds_config(_inputs("fp16"))
@@ -106,7 +106,7 @@ def test_fp16_is_refused_with_the_way_out():
 def test_baichuan_preset_hands_deepspeed_the_published_json():
     from omegaconf import OmegaConf
 
-    from comm.deepspeed_engine import DeepSpeedConfig, deep_merge
+    from comm.engines.deepspeed import DeepSpeedConfig, deep_merge
     from experiments.config import typed
 
     cfg = typed(OmegaConf.load(REPO / "conf/engine/deepspeed_baichuan.yaml"), "engine")

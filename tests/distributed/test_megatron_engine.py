@@ -2,7 +2,7 @@
 
 One spawned job trains every case (spawning and importing megatron-core cost seconds, a tiny step milliseconds):
 the tiny Baichuan model, the same seed and the same per-rank data, three optimizer steps through
-comm.ddp.DDPEngine and through comm.megatron_engine.MegatronEngine. The parent compares the final parameters.
+comm.engines.ddp.DDPEngine and through comm.engines.megatron.MegatronEngine. The parent compares the final parameters.
 Megatron pre-scales each bucket by 1/world and sums; torch DDP divides by world and sums. x * 0.5 == x / 2
 exactly, a two-rank sum a + b does not depend on where an element sits in a bucket, and micro-batches accumulate
 in the same order (0 + g1 + g2 into main_grad; g1 + g2 into DDP's .grad), so the engines agree bit for bit, in
@@ -38,9 +38,9 @@ CASES = {  # name: (engine, grad_accum, overlap, bucket_bytes, bf16)
 def _train(rank: int, engine_name: str, accum: int, overlap: bool, bucket_bytes: int, bf16: bool) -> dict:
     import contextlib
 
-    from comm.ddp import DDPConfig
-    from comm.engine import EngineInputs
-    from comm.megatron_engine import MegatronConfig
+    from comm.engines.ddp import DDPConfig
+    from comm.engines.engine import EngineInputs
+    from comm.engines.megatron import MegatronConfig
     from systems.model import ModelConfig, build_model
     from systems.optim import OptimConfig, build_optimizer, build_scheduler
 
@@ -132,7 +132,7 @@ def test_overlap_off_makes_one_synchronous_bucket_and_says_so(results):
 def test_cpu_bridge_is_applied_only_within_its_scope():
     from megatron.core.distributed import param_and_grad_buffer
 
-    from comm.megatron_cpu import cpu_bridges
+    from comm.engines.megatron_cpu import cpu_bridges
 
     if torch.cuda.is_available():
         pytest.skip("the bridge is a no-op with CUDA (tested below)")
@@ -152,7 +152,7 @@ def test_cpu_bridge_is_applied_only_within_its_scope():
 def test_cpu_bridge_does_nothing_with_cuda():
     from megatron.core.distributed import param_and_grad_buffer
 
-    from comm.megatron_cpu import cpu_bridges
+    from comm.engines.megatron_cpu import cpu_bridges
 
     with cpu_bridges() as bridged:
         assert not bridged and param_and_grad_buffer.torch is torch

@@ -17,7 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 import experiments.dist  # noqa: F401  registers the chuanliu_* resolvers that conf/config.yaml uses
 from analysis.flops import total_params
 from experiments.config import typed
-from experiments.trainer import HardwareConfig, LoggingConfig, TrainConfig
+from analysis.sinks import LoggingConfig
+from experiments.trainer import GROUPS as TRAINER_GROUPS
+from experiments.trainer import HardwareConfig, TrainConfig
 from comm.buckets import BucketConfig
 from comm.hooks import AlgorithmConfig, OverlapConfig
 from comm.slowlink import LinkConfig
@@ -32,14 +34,14 @@ REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 PRIMARY = "config"
 
-# Top-level nodes whose dataclass the caller names (build_run does the same); any other node must name
-# its dataclass with _target_ (precision, engine, ...).
-TYPED: dict[str, type] = {"train": TrainConfig, "model": ModelConfig, "data": DataConfig,
-                          "hardware": HardwareConfig, "logging": LoggingConfig, "optim": OptimConfig,
-                          "fusion": FusionConfig, "splitting": SplittingConfig,
-                          "comm.topology": TopologyConfig, "comm.algorithm": AlgorithmConfig,
-                          "comm.overlap": OverlapConfig, "comm.link": LinkConfig, "comm.bucket": BucketConfig}
-TARGETED = ("precision", "engine", "fault.checkpoint", "fault.chaos", "fault.watchdog")
+# Every group the trainer reads names its class with _target_ (experiments.trainer.GROUPS); the test types each
+# against the class the trainer's Settings expects, so an option naming the wrong class fails here.
+TARGETED = tuple(TRAINER_GROUPS.values())
+EXPECTED: dict[str, type] = {"train": TrainConfig, "model": ModelConfig, "data": DataConfig,
+                             "hardware": HardwareConfig, "logging": LoggingConfig, "optim": OptimConfig,
+                             "fusion": FusionConfig, "splitting": SplittingConfig,
+                             "comm.topology": TopologyConfig, "comm.algorithm": AlgorithmConfig,
+                             "comm.overlap": OverlapConfig, "comm.link": LinkConfig, "comm.bucket": BucketConfig}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,18 +127,17 @@ def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def validate_node(node: DictConfig, key: str, objects: dict[str, Any]) -> None:
-    """Type ``node`` (at config key ``key``): by TYPED, else by its _target_; a node without either that
+    """Type ``node`` (at config key ``key``) by its _target_ (checked against EXPECTED); a node without one that
     holds only sub-nodes (the package of a nested group, e.g. comm.algorithm) is a namespace: recurse."""
-    if key in TYPED:
-        obj = typed(node, key, TYPED[key])
-        assert isinstance(obj, TYPED[key])
-    elif "_target_" in node:
+    if "_target_" in node:
         obj = typed(node, key)
+        if key in EXPECTED:
+            assert isinstance(obj, EXPECTED[key]), f"{key}._target_ builds {type(obj)}, not a {EXPECTED[key]}"
     else:
         children = {k: node[k] for k in node}
         assert children and all(isinstance(v, DictConfig) for v in children.values()), (
-            f"config node {key!r} names no dataclass: give it a `_target_: module.ConfigDataclass`, or add "
-            "it to TYPED in this test (and validate it in experiments.trainer.build_run)")
+            f"config node {key!r} names no dataclass: give it a `_target_: module.ConfigDataclass` (and add it "
+            "to experiments.trainer.GROUPS if the trainer reads it)")
         for k, v in children.items():
             validate_node(v, f"{key}.{k}", objects)
         return
@@ -148,8 +149,8 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     """Resolve the whole config, then type every node; returns {key: dataclass instance}."""
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation (resolvers included) works
     assert isinstance(resolved, dict)
-    present = {k for k in set(TYPED) | set(TARGETED) if OmegaConf.select(cfg, k) is not None}
-    missing = (set(TYPED) | set(TARGETED)) - present
+    present = {k for k in TARGETED if OmegaConf.select(cfg, k) is not None}
+    missing = set(TARGETED) - present
     assert not missing, f"composed config lacks {sorted(missing)}"
     for key in TARGETED:
         assert "_target_" in OmegaConf.select(cfg, key), f"{key} must name its dataclass with _target_"
@@ -157,7 +158,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     for key in cfg:
         if isinstance(cfg[key], DictConfig):
             validate_node(cfg[key], str(key), objects)
-    assert set(TYPED) | set(TARGETED) <= set(objects)
+    assert set(TARGETED) <= set(objects)
     return objects
 
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from comm.buckets import (MIB, BucketChoice, BucketConfig, _fit_nonnegative, baichuan_reduce_bucket_elements,
-                          best_candidate, choose_bucket_bytes, measure_alpha_beta, predict_exposed_s)
+from comm.buckets import (MIB, BucketChoice, BucketConfig, CostModelBuckets, GpuCountBuckets, _fit_nonnegative,
+                          baichuan_reduce_bucket_elements, best_candidate, choose_bucket_bytes, measure_alpha_beta,
+                          predict_exposed_s)
 
 
 def _choose(cfg: BucketConfig, world_size: int = 2, element_bytes: int = 4, **kw) -> BucketChoice:
@@ -28,7 +29,7 @@ def _choose(cfg: BucketConfig, world_size: int = 2, element_bytes: int = 4, **kw
 
 @pytest.mark.parametrize("mb", [25.0, 0.5, 1, 190.73486328125])
 def test_fixed_gives_exactly_bucket_cap_mb_mebibytes(mb):
-    choice = _choose(BucketConfig(policy="fixed", bucket_cap_mb=mb))
+    choice = _choose(BucketConfig(bucket_cap_mb=mb))
     assert choice.bucket_bytes == mb * 2**20 and isinstance(choice.bucket_bytes, int)
     assert choice.policy == "fixed" and choice.reason.startswith(f"fixed: bucket_cap_mb={mb:g} = ")
     assert (choice.alpha_s, choice.beta_s_per_byte, choice.predicted_exposed_s) == (None, None, None)
@@ -44,21 +45,21 @@ def test_a_fixed_preset_reproduces_baichuans_reduce_bucket_size():
                                              (41, 41_000_000), (64, 64_000_000), (128, 128_000_000)])
 @pytest.mark.parametrize("element_bytes", [4, 2])
 def test_gpu_count_follows_megatron_cores_rule(world, elements, element_bytes):
-    choice = _choose(BucketConfig(policy="gpu_count"), world_size=world, element_bytes=element_bytes)
+    choice = _choose(GpuCountBuckets(), world_size=world, element_bytes=element_bytes)
     assert choice.bucket_bytes == elements * element_bytes
     assert choice.policy == "gpu_count"
 
 
 def test_gpu_count_reason_is_one_readable_line():
-    choice = _choose(BucketConfig(policy="gpu_count"), world_size=4)
+    choice = _choose(GpuCountBuckets(), world_size=4)
     assert choice.reason == "gpu_count: max(40M, 1M x 4) = 40,000,000 elements x 4 B = 152.6 MiB"
-    scaled = _choose(BucketConfig(policy="gpu_count", min_elements=100_000, elements_per_rank=300_000))
+    scaled = _choose(GpuCountBuckets(min_elements=100_000, elements_per_rank=300_000))
     assert scaled.bucket_bytes == 600_000 * 4
 
 
 def test_the_choice_is_logged(caplog):
     with caplog.at_level(logging.INFO, logger="comm.buckets"):
-        choice = _choose(BucketConfig(policy="gpu_count"), world_size=4)
+        choice = _choose(GpuCountBuckets(), world_size=4)
     assert choice.reason in caplog.text
 
 
@@ -72,7 +73,7 @@ def test_as_dict_holds_every_field():
 def test_a_choice_counts_elements_in_the_gradient_dtype_engines_reduce():
     # Megatron-core's rule in elements: bf16 gradients (DeepSpeed bf16) make a bucket of half the bytes, and the
     # engines get the same element count back (they once divided by 4 whatever the dtype: half the elements).
-    cfg = BucketConfig(policy="gpu_count")
+    cfg = GpuCountBuckets()
     for element_bytes in (4, 2):
         choice = choose_bucket_bytes(cfg, grad_elements=10**9, grad_element_bytes=element_bytes, world_size=64)
         assert choice.elements == 64_000_000 and choice.bucket_bytes == 64_000_000 * element_bytes
@@ -135,7 +136,7 @@ def _closed_form(bucket, grad, backward, alpha, beta):
 def test_best_candidate_is_the_analytic_optimum():
     # 64 MiB of gradients over 0.1 s (671 MB/s); the link: 1 ms + 1 GB/s. Buckets keep up with the compute
     # from 2 MiB on (alpha + beta B <= 0.1 B / 64 MiB), and among those the smallest exposes least.
-    cfg, grad, backward, alpha, beta = BucketConfig(policy="cost_model"), 64 * MIB, 0.1, 1e-3, 1e-9
+    cfg, grad, backward, alpha, beta = CostModelBuckets(), 64 * MIB, 0.1, 1e-3, 1e-9
     expected = {int(mb * MIB): _closed_form(int(mb * MIB), grad, backward, alpha, beta)
                 for mb in cfg.candidates_mb if mb <= 64}
     for b, e in expected.items():
@@ -147,14 +148,14 @@ def test_best_candidate_is_the_analytic_optimum():
 
 
 def test_best_candidate_breaks_ties_towards_the_larger_bucket_and_caps_at_the_total():
-    cfg, grad = BucketConfig(policy="cost_model"), 10 * MIB + 3
+    cfg, grad = CostModelBuckets(), 10 * MIB + 3
     # A free link: every size exposes nothing, so the largest wins, capped at the gradient size.
     free = best_candidate(cfg, grad_bytes=grad, backward_s=1.0, alpha_s=0.0, beta_s_per_byte=0.0)
     assert free == (grad, 0.0)
     # Pure latency with no compute to hide behind: one bucket (the total) beats every split.
     b, exposed = best_candidate(cfg, grad_bytes=grad, backward_s=0.0, alpha_s=1e-3, beta_s_per_byte=0.0)
     assert (b, exposed) == (grad, pytest.approx(1e-3))
-    small = BucketConfig(policy="cost_model", candidates_mb=[0.5, 1.0])  # nothing above the total
+    small = CostModelBuckets(candidates_mb=[0.5, 1.0])  # nothing above the total
     assert best_candidate(small, grad_bytes=grad, backward_s=0.0, alpha_s=1e-3, beta_s_per_byte=0.0)[0] == MIB
 
 
@@ -182,7 +183,7 @@ def test_the_probe_runs_on_the_training_device():
     # The meta device stands in for a GPU: choose_bucket_bytes must hand the run's device down to the probe's
     # tensors, or a "cpu:gloo,cuda:nccl" run would fit gloo over TCP instead of NCCL.
     devices = []
-    choice = _choose(BucketConfig(policy="cost_model", probe_sizes_kb=[4, 64]), backward_s=0.1,
+    choice = _choose(CostModelBuckets(probe_sizes_kb=[4, 64]), backward_s=0.1,
                      reduce=lambda t: devices.append(t.device.type), device=torch.device("meta"))
     assert choice.policy == "cost_model" and devices == ["meta"] * 12  # 2 sizes x (warm-up + 5 timed)
 
@@ -205,7 +206,8 @@ def test_fit_is_least_squares_of_relative_error_with_nonnegative_coefficients():
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kwargs, key", [
-    ({"policy": "adaptive"}, r"comm\.bucket\.policy='adaptive' is unknown; use one of fixed, gpu_count"),
+    ({"policy": "adaptive"}, r"comm\.bucket\.policy='adaptive' does not choose the policy .* select it with "
+                             r"comm/bucket=adaptive"),
     ({"bucket_cap_mb": 0.0}, r"comm\.bucket\.bucket_cap_mb=0\.0 must be positive"),
     ({"min_elements": -1}, r"comm\.bucket\.min_elements=-1 must be positive"),
     ({"elements_per_rank": 0}, r"comm\.bucket\.elements_per_rank=0 must be positive"),
@@ -222,7 +224,7 @@ def test_bad_config_values_name_their_key(kwargs, key):
 
 
 def test_cost_model_refuses_what_it_cannot_measure():
-    cfg = BucketConfig(policy="cost_model")
+    cfg = CostModelBuckets()
     with pytest.raises(ValueError, match=r"comm\.bucket\.policy=cost_model needs several processes to "
                                          r"measure; use fixed"):
         _choose(cfg, world_size=1, backward_s=0.1, reduce=lambda t: None)
@@ -232,10 +234,12 @@ def test_cost_model_refuses_what_it_cannot_measure():
         _choose(cfg, world_size=2, reduce=lambda t: None)
 
 
-def test_choose_refuses_a_policy_changed_after_validation_and_empty_models():
-    cfg = BucketConfig()
-    cfg.policy = "largest"
-    with pytest.raises(ValueError, match=r"comm\.bucket\.policy='largest' is unknown"):
-        _choose(cfg)
+def test_the_policy_name_follows_the_class_and_empty_models_are_refused():
+    # The YAML's _target_ chooses the policy; a policy= naming another one says which option to select.
+    with pytest.raises(ValueError, match=r"comm\.bucket\.policy='cost_model' does not choose the policy .*"
+                                         r"comm/bucket=cost_model"):
+        BucketConfig(policy="cost_model")
+    assert (BucketConfig().policy, GpuCountBuckets().policy, CostModelBuckets().policy) == (
+        "fixed", "gpu_count", "cost_model")
     with pytest.raises(ValueError, match="grad_elements=0"):
         choose_bucket_bytes(BucketConfig(), grad_elements=0, grad_element_bytes=4, world_size=2)

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from comm.buckets import measure_alpha_beta
-from comm.hooks import AlgorithmConfig, CommState, CudaTimer, HostTimer, OverlapConfig, build_comm_hook, build_timer
+from comm.hierarchical import FlatAllReduce
+from comm.hooks import CommState, CudaTimer, HostTimer, OverlapConfig, build_comm_hook, build_timer
 from comm.slowlink import LinkConfig, SlowLink
 from comm.topology import Topology, TopologyConfig, build_groups, discover_topology
 from tests.helpers import REPO, free_port
@@ -104,7 +105,7 @@ def test_the_timer_is_chosen_once_from_the_device():
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     groups = build_groups(discover_topology(TopologyConfig()))
-    _, state = build_comm_hook(AlgorithmConfig(name="flat"), OverlapConfig(), groups, SlowLink(LinkConfig()))
+    _, state = build_comm_hook(FlatAllReduce(), OverlapConfig(), groups, SlowLink(LinkConfig()))
     assert isinstance(state.timer, HostTimer)
 
 
@@ -196,7 +197,7 @@ def test_ddp_with_the_hook_on_nccl_trains_as_without_it(nccl_group, overlap, red
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index], bucket_cap_mb=0.25,
                                               gradient_as_bucket_view=True)
     topo = Topology(rank=0, world_size=1, node_of_rank=(0,), simulated=True, source="test")
-    hook, state = build_comm_hook(AlgorithmConfig(name="flat"), OverlapConfig(enabled=overlap), build_groups(topo),
+    hook, state = build_comm_hook(FlatAllReduce(), OverlapConfig(enabled=overlap), build_groups(topo),
                                   SlowLink(LinkConfig()), device)
     if reduce == "nccl_async":  # NCCL itself, returning its work: the comm stream must wait on it
         state.reduce = lambda t: dist.all_reduce(t, async_op=True)

@@ -3,9 +3,9 @@ count of what autograd keeps), engine states against the ZeRO paper's figures, a
 import pytest
 import torch
 
-from comm.ddp import DDPConfig
-from comm.deepspeed_engine import DeepSpeedConfig
-from comm.fsdp2 import FSDP2Config
+from comm.engines.ddp import DDPConfig
+from comm.engines.deepspeed import DeepSpeedConfig
+from comm.engines.fsdp2 import FSDP2Config
 from experiments.bench_memory import SPLITTINGS, load, measure
 from experiments.config import ConfigError
 from experiments.memory import check_fits, estimate_memory

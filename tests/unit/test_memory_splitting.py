@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from analysis.flops import Recompute, flops_per_token
-from comm.ddp import DDPConfig
-from comm.engine import EngineInputs
+from comm.engines.ddp import DDPConfig
+from comm.engines.engine import EngineInputs
 from systems.fusion import FusionConfig, apply_fusion
 from systems.memory import SavedTensorMeter
 from systems.model import ModelConfig, build_model, cross_entropy_loss

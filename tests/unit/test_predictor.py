@@ -121,12 +121,12 @@ def test_overlap_never_slower_and_tiny_buckets_cost_latency():
 
 
 def test_bucket_policies_come_from_comm_buckets():
-    from comm.buckets import BucketConfig, gpu_count_elements
+    from comm.buckets import CostModelBuckets, GpuCountBuckets, gpu_count_elements
 
-    tech = replace(ALL, bucket=BucketConfig(policy="gpu_count"))
+    tech = replace(ALL, bucket=GpuCountBuckets())
     p = _predict(tech=tech)
-    assert p.breakdown["bucket_bytes"] == gpu_count_elements(BucketConfig(policy="gpu_count"), 1024) * 2
-    cost = _predict(tech=replace(ALL, bucket=BucketConfig(policy="cost_model")))
+    assert p.breakdown["bucket_bytes"] == gpu_count_elements(GpuCountBuckets(), 1024) * 2
+    cost = _predict(tech=replace(ALL, bucket=CostModelBuckets()))
     assert cost.breakdown["bucket_bytes"] <= 128 * 2**20  # one of the policy's candidates
 
 
@@ -233,13 +233,13 @@ def test_techniques_come_from_the_trainers_typed_configs():
         ("flash", "hierarchical", False, "ddp", 4)
     assert t.bucket is not None and t.bucket.policy == "gpu_count"
     assert any("comm.link" in n for n in mapped.notes)  # said, not silently dropped
-    ds = pr.techniques_from_config(_run_config(engine={"_target_": "comm.deepspeed_engine.DeepSpeedConfig",
+    ds = pr.techniques_from_config(_run_config(engine={"_target_": "comm.engines.deepspeed.DeepSpeedConfig",
                                                        "config_json": "conf/engine/baichuan_7b_deepspeed.json"}))
     assert (ds.techniques.engine, ds.techniques.bucket_bytes) == ("zero2", 1e8 * 2)
 
 
 @pytest.mark.parametrize("over, words", [
-    ({"engine": {"_target_": "comm.ddp.DDPConfig", "bucket_cap_mb": 3}}, "engine"),
+    ({"engine": {"_target_": "comm.engines.ddp.DDPConfig", "bucket_cap_mb": 3}}, "engine"),
     ({"fusion": {"attention": "paged"}}, "fusion"),
     ({"engine": {"_target_": "comm.slowlink.LinkConfig"}}, "cannot be modelled"),
     ({"fusion": {"loss": "liger"}, "splitting": {"chunked_ce": True}}, "chunked_ce"),
@@ -270,7 +270,7 @@ def _fake_run(root: Path, name: str, model: str, micro_batch: int, step_s: float
 
     d = root / name
     (d / ".hydra").mkdir(parents=True)
-    cfg = _run_config(precision={"compute_dtype": "fp32"}, engine={"_target_": "comm.ddp.DDPConfig"})
+    cfg = _run_config(precision={"compute_dtype": "fp32"}, engine={"_target_": "comm.engines.ddp.DDPConfig"})
     cfg["model"] = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{model}.yaml"))
     (d / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     env = {"model": model, "seq_len": cfg["model"]["max_seq_len"], "micro_batch_size": micro_batch,

@@ -1,4 +1,4 @@
-"""The one CPU compatibility layer for megatron-core 0.16.1 (used by comm/megatron_engine.py, nowhere else).
+"""The one CPU compatibility layer for megatron-core 0.16.1 (used by comm/engines/megatron.py, nowhere else).
 
 megatron-core's ``DistributedDataParallel`` runs unchanged on CPU under gloo (buckets, ``no_sync``, the
 asynchronous per-bucket all-reduce of ``overlap_grad_reduce``) except for one thing: when it builds its

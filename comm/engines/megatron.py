@@ -1,4 +1,5 @@
-"""The megatron-core engine: ``megatron.core.distributed.DistributedDataParallel`` behind comm/engine.py's interface.
+"""The megatron-core engine: ``megatron.core.distributed.DistributedDataParallel`` behind the one engine interface
+(comm/engines/engine.py).
 
 Megatron's DDP keeps every gradient in one contiguous buffer per (param dtype, grad dtype), cut into buckets of
 ``bucket_size`` *elements* (it counts elements, not bytes); a backward hook adds each ``param.grad`` into
@@ -21,7 +22,7 @@ Mapping chuanliu's communication policies onto megatron-core:
 - precision: bf16 runs as in DDP (autocast over fp32 parameters, fp32 gradient buffer and all-reduce); fp16
   uses the run's GradScaler on the aliased gradients, as DDP does.
 - megatron's own (distributed) optimizer assumes CUDA tensors: ``use_distributed_optimizer`` is refused on CPU
-  and not wired on GPU either; the run's torch AdamW steps instead. comm/megatron_cpu.py is the one place that
+  and not wired on GPU either; the run's torch AdamW steps instead. comm/engines/megatron_cpu.py is the one place that
   bridges megatron-core to a CPU-only torch.
 """
 from __future__ import annotations
@@ -35,8 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from comm.engine import EngineInputs, StateBytes, TorchOptimizerEngine
-from comm.megatron_cpu import cpu_bridges
+from comm.engines.engine import EngineInputs, StateBytes, TorchOptimizerEngine
+from comm.engines.megatron_cpu import cpu_bridges
 
 
 @dataclass(kw_only=True)
@@ -180,7 +181,7 @@ class MegatronEngine(TorchOptimizerEngine):
             self.ddp.zero_grad_buffer()
         return stats
 
-    # Checkpoint state: TorchOptimizerEngine (comm/engine.py); the gradient buffer is empty between steps and is
+    # Checkpoint state: TorchOptimizerEngine (comm/engines/engine.py); the gradient buffer is empty between steps and is
     # not saved.
     def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None:
         """Nothing to prime: megatron's buckets follow parameter order, fixed at construction, so a resumed run

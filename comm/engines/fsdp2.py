@@ -1,5 +1,5 @@
 """The FSDP2 engine: ``torch.distributed.fsdp.fully_shard`` (ZeRO-3-style sharding of parameters, gradients and
-optimizer state), behind the same interface as DDP (comm/engine.py).
+optimizer state), behind the same interface as DDP (comm/engines/engine.py).
 
 Each decoder layer is its own FSDP unit (one all-gather before its forward and backward, one reduce-scatter of its
 gradients after backward), and the root unit holds the embedding, the final norm and the LM head. FSDP2 replaces
@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from comm.engine import EngineInputs, StateBytes, TorchOptimizerEngine
+from comm.engines.engine import EngineInputs, StateBytes, TorchOptimizerEngine
 
 
 @dataclass(kw_only=True)
@@ -119,6 +119,6 @@ class FSDP2Engine(TorchOptimizerEngine):
     def step(self) -> dict[str, float]:
         return self._optimizer_step()
 
-    # Checkpoint state: TorchOptimizerEngine (comm/engine.py); DCP saves DTensor shards natively.
+    # Checkpoint state: TorchOptimizerEngine (comm/engines/engine.py); DCP saves DTensor shards natively.
     def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None:
         """Nothing to prime: FSDP2's collectives do not depend on a first-iteration layout."""

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine: ZeRO stages 0-3 behind the training loop's one engine interface (comm/engine.py).
+"""The DeepSpeed engine: ZeRO stages 0-3 behind the training loop's one engine interface (comm/engines/engine.py).
 
 Start with ``DeepSpeedConfig.build``: it turns chuanliu's decisions (precision, grad clip, the comm/bucket and
 comm/overlap policies) into a DeepSpeed config dict, or loads a DeepSpeed JSON verbatim (``config_json``, the
@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from comm.engine import EngineInputs, StateBytes, gather_rank_losses
+from comm.engines.engine import EngineInputs, StateBytes, gather_rank_losses
 
 NATIVE_DIR = "deepspeed"  # DeepSpeed's own checkpoint, inside a fault.checkpoint step directory
 NATIVE_TAG = "state"
@@ -97,7 +97,7 @@ class DeepSpeedConfig:
         """The DeepSpeed JSON named by config_json, as written in the file."""
         path = Path(self.config_json)
         if not path.is_absolute():
-            path = Path(__file__).resolve().parents[1] / path
+            path = Path(__file__).resolve().parents[2] / path
         return json.loads(path.read_text())
 
     def ds_config(self, inputs: EngineInputs) -> tuple[dict, dict, list[str]]:

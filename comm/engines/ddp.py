@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from comm.engine import EngineInputs, StateBytes, TorchOptimizerEngine
+from comm.engines.engine import EngineInputs, StateBytes, TorchOptimizerEngine
 
 # The RoPE tables are the model's only buffers, identical constants: no buffer collective in each forward (which
 # also keeps the forward free of communication, so the watchdog can time it as the rank's own speed).
@@ -90,7 +90,7 @@ class DDPEngine(TorchOptimizerEngine):
             stats.update(self.comm_state.step_stats(), **{"comm/bucket_bytes": self.bucket_bytes})
         return stats
 
-    # Checkpoint state: TorchOptimizerEngine (comm/engine.py).
+    # Checkpoint state: TorchOptimizerEngine (comm/engines/engine.py).
     def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None:
         """After a resume: one throw-away forward/backward so DDP's gradient buckets are laid out as in a run that
         never stopped.
