@@ -7,6 +7,10 @@
     python -m analysis.predictor --baichuan     # Baichuan-7B's 182 TFLOPS / 58.3% as an interval
     python -m analysis.predictor --nccl         # the collective model vs published nccl-tests bus bandwidths
     python -m analysis.predictor --torchtitan   # independent check: torchtitan's tables, never in the data set
+    python -m analysis.predictor --megatron     # tp x pp x dp vs Megatron-LM's table; docs/predictor_megatron.json
+    python -m analysis.predictor --search --model baichuan_7b --cluster a800_1024 --global-batch 1024
+                                                # rank the layouts (tp x pp x dp, schedule, micro-batch) that fit
+    python -m analysis.predictor --tp 8 --pp 4 --schedule interleaved --virtual-stages 2 --micro-batch 1 --grad-accum 32
     python -m analysis.predictor --calibrate runs/a runs/b runs/c   # fit this CPU to its own runs
 """
 from __future__ import annotations
@@ -17,11 +21,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from analysis.peaks import BAICHUAN_7B
-from analysis.predictor import calibration, nccl_check, titan_check
+from analysis.predictor import calibration, megatron_check, nccl_check, titan_check
 from analysis.predictor.configs import REPO, load_model
 from analysis.predictor.inputs import BAICHUAN_7B_RANGES, GB, Cluster, get_cluster, get_gpu, get_techniques
 from analysis.predictor.interval import Interval, predict_interval
-from analysis.predictor.step import Prediction, predict
+from analysis.predictor.parallel import Layout, predict_layout
+from analysis.predictor.pipeline import SCHEDULES
+from analysis.predictor.search import format_search, search_layouts
+from analysis.predictor.step import Prediction
 
 DOCS = REPO / "docs"
 
@@ -96,11 +103,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpus", type=int, help="GPU count (default: the preset's)")
     ap.add_argument("--nics", type=int, help="NICs per node")
     ap.add_argument("--nic-gbps", type=float, help="Gb/s per NIC")
-    ap.add_argument("--techniques", default="all", help="none | all")
+    ap.add_argument("--techniques", help="none | all | megatron (default: all; megatron for --search)")
     ap.add_argument("--nccl-algo", choices=("auto", "ring", "tree"), help="NCCL_ALGO (default: NCCL's own choice)")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
-    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (per pipeline with --pp)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    ap.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
+    ap.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES), help="pipeline schedule")
+    ap.add_argument("--virtual-stages", type=int, default=1, help="model chunks per GPU (interleaved)")
+    ap.add_argument("--search", action="store_true", help="rank the tp x pp x dp layouts that fit in memory")
+    ap.add_argument("--global-batch", type=int, help="--search: sequences per step (default: 4M tokens / --seq)")
+    ap.add_argument("--top", type=int, default=15, help="--search: rows to print")
     ap.add_argument("--interval", action="store_true", help="the interval over Baichuan-7B's unpublished inputs")
     ap.add_argument("--calibration", help="cpu_local calibration json (from --calibrate)")
     ap.add_argument("--json", help="write the prediction here")
@@ -109,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--baichuan", action="store_true", help="Baichuan-7B's published figure against the interval")
     ap.add_argument("--nccl", action="store_true", help="collective model vs published nccl-tests busbw")
     ap.add_argument("--torchtitan", action="store_true", help="independent check: torchtitan's published FSDP rows")
+    ap.add_argument("--megatron", action="store_true",
+                    help="tp x pp x dp vs Megatron-LM's weak-scaling table (never fitted); "
+                         "docs/predictor_megatron.json")
     ap.add_argument("--calibrate", nargs="+", metavar="RUN_DIR", help="fit cpu_local to these runs")
     ap.add_argument("--out", help="where --calibrate writes (default: <first run's parent>/cpu_local_calibration.json)")
     args = ap.parse_args(argv)
@@ -120,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     checks = {"validate": (calibration.validate, _fmt_validation, "predictor_validation.json"),
               "nccl": (nccl_check.check, nccl_check.format_check, "predictor_nccl.json"),
-              "torchtitan": (titan_check.check, titan_check.format_check, "predictor_torchtitan.json")}
+              "torchtitan": (titan_check.check, titan_check.format_check, "predictor_torchtitan.json"),
+              "megatron": (megatron_check.check, megatron_check.format_check, "predictor_megatron.json")}
     for name, (check, fmt, filename) in checks.items():
         if getattr(args, name):
             _write_check(check(), fmt, DOCS / filename)
@@ -142,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {out}")
         return
     eff = None
-    tech = get_techniques(args.techniques)
+    tech = get_techniques(args.techniques or ("megatron" if args.search else "all"))
     if args.nccl_algo:
         tech = replace(tech, nccl_algo=args.nccl_algo)
     if args.cluster == "cpu_local":
@@ -157,15 +176,32 @@ def main(argv: list[str] | None = None) -> None:
     cluster = replace(cluster, **{k: v for k, v in (("gpus", args.gpus), ("nics_per_node", args.nics),
                                                     ("nic_gbps", args.nic_gbps)) if v is not None})
     model = load_model(args.model)
-    p = predict(model, cluster, tech, seq_len=args.seq, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
-                eff=eff)
+    if args.search:
+        _search(args, model, cluster, tech, eff)
+        return
+    layout = Layout(tp=args.tp, pp=args.pp, sp=args.sp, schedule=args.schedule, virtual_stages=args.virtual_stages)
+    p = predict_layout(model, cluster, tech, layout, seq_len=args.seq, micro_batch=args.micro_batch,
+                       grad_accum=args.grad_accum, eff=eff)
     print(f"{args.model} on {cluster.gpus} x {cluster.gpu.name} ({cluster.nics_per_node} x {cluster.nic_gbps:g} Gb/s "
-          f"per node), techniques={args.techniques}, seq {args.seq}, micro-batch {args.micro_batch}, "
-          f"grad-accum {args.grad_accum}")
+          f"per node), techniques={args.techniques or 'all'}, seq {args.seq}, micro-batch {args.micro_batch}, "
+          f"grad-accum {args.grad_accum}" + (f", {layout.label()}" if layout.model_parallel > 1 else ""))
     print(_fmt_prediction(p, cluster))
     if args.interval:
+        if layout.model_parallel > 1:
+            raise ValueError("--interval covers data-parallel runs; drop --tp/--pp")
         ranges = replace(BAICHUAN_7B_RANGES, split=((args.micro_batch, args.grad_accum),))
         print(_fmt_interval(predict_interval(model, cluster, tech, seq_len=args.seq, micro_batch=args.micro_batch,
                                              grad_accum=args.grad_accum, ranges=ranges, eff=eff)))
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(p), indent=1) + "\n")
+
+
+def _search(args, model, cluster: Cluster, tech, eff) -> None:
+    batch = args.global_batch or max(1, 4 * 2**20 // args.seq)
+    result = search_layouts(model, cluster, tech, seq_len=args.seq, global_batch=batch, eff=eff)
+    print(f"{args.model} on {cluster.gpus} x {cluster.gpu.name} ({cluster.nics_per_node} x {cluster.nic_gbps:g} Gb/s "
+          f"per node), techniques={args.techniques or 'megatron'}, seq {args.seq}, global batch {batch} sequences; "
+          "layouts that fit, by predicted tokens/s")
+    print(format_search(result, args.top))
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(result), indent=1) + "\n")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from analysis import flops as flops_mod
 from analysis.peaks import PEAK_TFLOPS
-from comm.buckets import BucketConfig
+from comm.buckets import BucketConfig, GpuCountBuckets
 
 GB = 1e9
 
@@ -182,7 +182,8 @@ def get_cluster(name: str) -> Cluster:
 
 
 # ----------------------------------------------------------------------------------------------- techniques
-ATTENTION = ("flash", "triton", "eager")
+ATTENTION = ("flash", "triton", "eager", "fused_softmax")
+FUSED_ATTENTION = ("flash", "triton")  # the attention core is one kernel: the T x T scores never reach HBM
 LOSS = ("eager", "kernel", "fused")
 RECOMPUTE = ("none", "selective", "full")
 COLLECTIVES = ("nccl", "hierarchical")
@@ -194,7 +195,9 @@ ENGINES = ("ddp", "zero1", "zero2", "zero3")
 class Techniques:
     """Technique choices in the predictor's terms (``techniques_from_config`` maps a chuanliu run onto them)."""
 
-    attention: str = "flash"  # flash: FlashAttention-2 / SDPA | triton: MPT's Triton kernel | eager: T x T in HBM
+    attention: str = "flash"  # flash: FlashAttention-2 / SDPA | triton: MPT's Triton kernel | eager: T x T in HBM |
+    #                           fused_softmax: batched QK^T and AV GEMMs around one fused scale-mask-softmax kernel
+    #                           and attention dropout (Megatron-LM's FusedScaleMaskSoftmax); T x T in HBM, 16-bit
     fused_norm: bool = False  # one kernel per norm (Liger, compiled, apex, torch LayerNorm) vs eager fp32 RMSNorm
     fused_act: bool = False  # one SwiGLU kernel vs silu + mul
     fused_rope: bool = False  # RoPE inside a fused kernel (or no RoPE: ALiBi, learned positions)
@@ -203,6 +206,9 @@ class Techniques:
     chunked_ce: bool = False  # LM head + loss over token chunks, each chunk's LM head re-run in backward
     recompute: str = "none"  # none | selective (attention core) | full (whole layers)
     recompute_mlp: bool = False  # MLP re-run (recompute_mlp or tiled_mlp)
+    recompute_last_op: bool = False  # full recomputation re-runs the layer's last op too (Megatron-LM's own
+    #                                  checkpoint, torch's reentrant one); False: torch's non-reentrant checkpoint,
+    #                                  which stops before it (analysis/flops.py)
     precision: str = "bf16"  # bf16 | fp16 | fp32 | tf32 | fp8 (fp8 GEMMs in the decoder, bf16 elsewhere)
     engine: str = "ddp"  # ddp | zero1 | zero2 | zero3 (FSDP full shard is ZeRO-3's layout)
     layers_per_unit: int = 1  # ZeRO-3/FSDP: decoder layers gathered together
@@ -244,7 +250,17 @@ class Techniques:
         """What runs twice, for analysis.flops' hfu (the same rule the trainer's FLOPs use)."""
         return flops_mod.Recompute(full_layers=self.recompute == "full",
                                    attention_core=self.recompute == "selective", mlp=self.recompute_mlp,
-                                   lm_head=self.chunked_ce, attention_fused=self.attention != "eager")
+                                   lm_head=self.chunked_ce, attention_fused=self.attention in FUSED_ATTENTION)
+
+
+def hardware_flops_per_token(m: ModelShape, seq: int, t: Techniques) -> dict[str, float]:
+    """analysis.flops' conventions for this shape and these techniques; ``hfu`` also counts the down projection
+    when full recomputation re-runs it (``recompute_last_op``: analysis/flops.py counts torch's non-reentrant
+    checkpoint, which does not)."""
+    fpt = m.flops_per_token(seq, t.recomputed())
+    if t.recompute == "full" and t.recompute_last_op:
+        fpt = fpt | {"hfu": fpt["hfu"] + 2.0 * m.n_layers * m.ffn_dim * m.dim}
+    return fpt
 
 
 TECHNIQUES = {
@@ -255,6 +271,12 @@ TECHNIQUES = {
     "all": Techniques(attention="flash", fused_norm=True, fused_act=True, fused_rope=True, loss="fused",
                       recompute="selective", engine="zero2", bucket_bytes=1e8 * 2, overlap=True,
                       checkpoint_block_s=5.0),
+    # Megatron-core as run today (the layout search's default): FlashAttention and fused kernels through
+    # TransformerEngine, selective recomputation, the distributed optimizer (ZeRO-1 over dp), gradients reduced in
+    # fp32 (Megatron-LM sets accumulate_allreduce_grads_in_fp32 for bf16), its GPU-count bucket rule, overlapped.
+    "megatron": Techniques(attention="flash", fused_norm=True, fused_act=True, fused_rope=True, loss="kernel",
+                           recompute="selective", engine="zero1", reduce_bytes=4, bucket=GpuCountBuckets(),
+                           overlap=True, checkpoint_block_s=5.0),
 }
 
 

@@ -24,7 +24,7 @@ from analysis.predictor import collectives as coll
 from analysis.predictor.compute import Efficiencies, MicroBatch, micro_batch_terms, optimizer_s
 from analysis.predictor.fitted import efficiencies_for
 from analysis.predictor.goodput import job_goodput
-from analysis.predictor.inputs import GB, Cluster, ModelShape, Techniques
+from analysis.predictor.inputs import GB, Cluster, ModelShape, Techniques, hardware_flops_per_token
 from analysis.predictor.memory import peak_memory_bytes
 from comm.buckets import BucketConfig, predict_exposed_s
 
@@ -158,7 +158,7 @@ def predict(model: ModelShape, cluster: Cluster, tech: Techniques, *, seq_len: i
     step = compute + comm.exposed_s + slowdown
     tokens = seq_len * micro_batch * grad_accum
     tps = tokens / step
-    fpt = model.flops_per_token(seq_len, tech.recomputed())
+    fpt = hardware_flops_per_token(model, seq_len, tech)
     peak = cluster.gpu.peak_flops("bf16" if tech.precision in ("fp8", "bf16", "fp16") else tech.gemm_dtype)
     gp, tau, mtbf = job_goodput(tech, cluster.gpus)
     mem = peak_memory_bytes(model, tech, seq_len, micro_batch, shard_ranks(tech, cluster))
