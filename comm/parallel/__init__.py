@@ -1,0 +1,9 @@
+"""Model parallelism on a (dp, pp, tp) device mesh: ``mesh`` builds the mesh, ``tensor`` applies tensor parallelism.
+
+This package never imports ``systems/``: the tensor-parallel plan is written against the module attribute names of
+the Baichuan model (``model.layers.N.self_attn.W_pack`` ...).
+"""
+from comm.parallel.mesh import ParallelConfig, build_mesh
+from comm.parallel.tensor import apply_tensor_parallel, full_grads, full_state_dict
+
+__all__ = ["ParallelConfig", "build_mesh", "apply_tensor_parallel", "full_state_dict", "full_grads"]
