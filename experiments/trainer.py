@@ -33,9 +33,12 @@ from analysis.metrics import MetricsProcessor
 from analysis.peaks import Peak, calibrate_cpu_peak, cpu_name, gpu_peak
 from analysis.sinks import LoggingConfig
 from comm.buckets import BucketChoice, BucketConfig, MeasuredCollective, choose_bucket_bytes, estimate_backward_s
+from comm.engines.ddp import DDPConfig
 from comm.engines.engine import Engine, EngineInputs, replica_digests
 from comm.hierarchical import flat_all_reduce
 from comm.hooks import AlgorithmConfig, OverlapConfig, build_comm_hook, synchronizer
+from comm.parallel import ParallelConfig, apply_tensor_parallel, build_mesh
+from comm.parallel.tensor import clip_grad_norm_ as tp_clip_grad_norm_
 from comm.slowlink import LinkConfig, SlowLink
 from comm.topology import TopologyConfig, build_groups, discover_topology
 from experiments.config import ConfigError, plain, typed
@@ -171,6 +174,7 @@ class Settings:
     checkpoint: CheckpointConfig
     chaos: ChaosConfig
     watchdog: WatchdogConfig
+    parallel: ParallelConfig
 
 
 # Settings field -> config key. Every node names its class with _target_ (conf/); typed() builds and checks it.
@@ -178,7 +182,7 @@ GROUPS = {"train": "train", "model": "model", "data": "data", "precision": "prec
           "logging": "logging", "optim": "optim", "engine": "engine", "fusion": "fusion", "splitting": "splitting",
           "topology": "comm.topology", "algorithm": "comm.algorithm", "overlap": "comm.overlap", "link": "comm.link",
           "bucket": "comm.bucket", "checkpoint": "fault.checkpoint", "chaos": "fault.chaos",
-          "watchdog": "fault.watchdog"}
+          "watchdog": "fault.watchdog", "parallel": "parallel"}
 
 
 def read_settings(cfg: DictConfig) -> Settings:
@@ -219,26 +223,71 @@ class FaultTolerance:
     chaos: Chaos
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks split the work (comm/parallel): this rank's data-parallel coordinate and size (the data and
+    the gradient reduction follow them), and the (dp, pp, tp) mesh when tp or pp is above 1."""
+
+    dp_rank: int
+    dp_size: int
+    tp: int
+    mesh: Any = None  # torch DeviceMesh with dims ("dp", "pp", "tp"), or None (plain data parallelism)
+    groups: dict[str, Any] = field(default_factory=dict)  # which ranks form each group (summary.json)
+
+
+def build_layout(s: Settings, info: DistInfo, device: torch.device) -> Layout:
+    """dp = world / (tp x pp), refused when it does not divide; with tp > 1 the mesh, tp innermost (one node).
+    What tensor parallelism cannot combine with yet is refused here, before any work."""
+    p = s.parallel
+    shape = p.layout(info.world_size, n_heads=s.model.n_heads, n_layers=s.model.n_layers)
+    if p.tp == 1 and p.pp == 1:
+        return Layout(dp_rank=info.rank, dp_size=info.world_size, tp=1)
+    if p.pp > 1:
+        raise ConfigError(f"parallel.pp={p.pp}: pipeline parallelism is not wired into the trainer yet (the "
+                          "schedules live in comm/parallel/); use parallel.pp=1")
+    limits = {"engine=ddp": isinstance(s.engine, DDPConfig),
+              "comm/algorithm=native": type(s.algorithm) is AlgorithmConfig,
+              "no splitting": not any(v is True for v in s.splitting.__dict__.values()),
+              "fusion without compiled or Liger kernels (fusion=sdpa or eager)":
+                  not s.fusion.compile_layers and all(getattr(s.fusion, op) == "eager"
+                                                       for op in ("rmsnorm", "swiglu", "rope", "loss")),
+              "precision other than fp8": s.precision.compute_dtype != "fp8"}
+    missing = [k for k, ok in limits.items() if not ok]
+    if missing:
+        raise ConfigError(f"parallel.tp={p.tp} runs, for now, only with {', '.join(limits)}; this run lacks: "
+                          f"{', '.join(missing)}")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    mesh, groups = build_mesh(p, info.world_size, device.type, ranks_per_node=per_node, n_heads=s.model.n_heads,
+                              n_layers=s.model.n_layers)
+    return Layout(dp_rank=groups["coords"]["dp"], dp_size=shape["dp"], tp=p.tp, mesh=mesh, groups=groups)
+
+
 def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     """Builders in order; each takes what the ones before made. Only loading a checkpoint (start) follows the Run."""
     info = dist_info()
     s = read_settings(cfg)
     device = pick_device(s.train, info)
     s.precision.check(device.type)
-    memory = check_memory(s, device, info)
+    layout = build_layout(s, info, device)
+    memory = check_memory(s, device, layout)
     s.precision.setup(device.type)
     seed_everything(s.train.seed)
     tokenizer, loader = build_data(s.data, seq_len=s.train.seq_len, micro_batch_size=s.train.micro_batch_size,
-                                   rank=info.rank, world_size=info.world_size)
+                                   rank=layout.dp_rank, world_size=layout.dp_size)  # a tp group reads alike
     if tokenizer.vocab_size > s.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size="
                           f"{s.model.vocab_size}; raise model.vocab_size or lower data.vocab_size")
     model = build_model(s.model, device)
     kernels = transform_model(model, fusion=s.fusion, splitting=s.splitting, precision=s.precision,
                               device_type=device.type)
-    work = measure_work(s, device, info, kernels)
-    engine, bucket, topology = build_engine(s, model, device, info, memory, work)
+    if layout.tp > 1:  # after the operator slots are set: it replaces the loss with its vocabulary gather
+        apply_tensor_parallel(model, layout.mesh["tp"], s.parallel.sequence_parallel)
+    work = measure_work(s, device, info, kernels, layout)
+    engine, bucket, topology = build_engine(s, model, device, info, memory, work, layout)
     environment = describe(s, device, info, work, model, kernels, tokenizer, engine, bucket, topology, memory)
+    environment["parallel"] = {"tp": layout.tp, "pp": s.parallel.pp, "dp": layout.dp_size,
+                               "sequence_parallel": s.parallel.sequence_parallel and layout.tp > 1,
+                               **{k: v for k, v in layout.groups.items() if k.endswith("_groups")}}
     metrics = build_metrics(s, cfg, run_dir, info, work, engine, kernels, tokenizer, environment)
     compute_timer = ComputeTimer(device)
     compute_timer.exclude_engine_hooks(engine.module)  # before chaos or anything else adds forward pre-hooks
@@ -254,28 +303,29 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     return run
 
 
-def check_memory(s: Settings, device: torch.device, info: DistInfo) -> MemoryEstimate:
+def check_memory(s: Settings, device: torch.device, layout: Layout) -> MemoryEstimate:
     """Refuse what cannot fit before allocating anything (the kernels are resolved as apply_fusion will)."""
     memory = estimate_memory(
         s.model, seq=s.train.seq_len, micro_batch=s.train.micro_batch_size, splitting=s.splitting,
         kernels=resolve(s.fusion, device.type, s.precision.compute_dtype, s.splitting.refused_kernels()),
-        compute_dtype=s.precision.compute_dtype, engine_cfg=s.engine, dp=info.world_size,
+        compute_dtype=s.precision.compute_dtype, engine_cfg=s.engine, dp=layout.dp_size,
         bucket_bytes=int(s.bucket.bucket_cap_mb * 2**20))
     check_fits(memory, s.model, device)
     return memory
 
 
-def measure_work(s: Settings, device: torch.device, info: DistInfo, kernels: dict[str, str]) -> Work:
+def measure_work(s: Settings, device: torch.device, info: DistInfo, kernels: dict[str, str],
+                 layout: Layout) -> Work:
     dtype = s.precision.peak_dtype(device.type)
     m = s.model
     fpt = flops_per_token(n_layers=m.n_layers, dim=m.dim, ffn_dim=m.ffn_dim, vocab_size=m.vocab_size,
                           seq_len=s.train.seq_len, recompute=Recompute(**s.splitting.recomputed(kernels)))
-    tokens = info.world_size * s.train.micro_batch_size * s.train.grad_accum_steps * s.train.seq_len
+    tokens = layout.dp_size * s.train.micro_batch_size * s.train.grad_accum_steps * s.train.seq_len
     return Work(fpt=fpt, peak=measure_peak(s.hardware, device, dtype, info), dtype=dtype, tokens_per_step=tokens)
 
 
 def build_engine(s: Settings, model: torch.nn.Module, device: torch.device, info: DistInfo, memory: MemoryEstimate,
-                 work: Work) -> tuple[Engine, BucketChoice, Any]:
+                 work: Work, layout: Layout) -> tuple[Engine, BucketChoice, Any]:
     """The collectives (topology, groups, comm hook), the bucket size, then the engine over the model."""
     comm_hook, topology, reduce = None, None, MeasuredCollective("flat all-reduce", flat_all_reduce)
     if info.world_size > 1:  # collectives: every rank discovers and builds the same groups
@@ -285,14 +335,15 @@ def build_engine(s: Settings, model: torch.nn.Module, device: torch.device, info
             reduce = MeasuredCollective(f"comm/algorithm={s.algorithm.name}", comm_hook[1].reduce)
     bucket = choose_bucket_bytes(
         s.bucket, grad_elements=count_parameters(model), grad_element_bytes=memory.grad_bytes,
-        world_size=info.world_size, reduce=reduce, device=device,
+        world_size=layout.dp_size, reduce=reduce, device=device,
         backward_s=estimate_backward_s(work.fpt["hfu"], work.tokens_per_step // info.world_size, work.peak.flops))
     optimizer, scheduler = _optimizer_and_schedule(model, s.optim, s.train.steps)
     engine = s.engine.build(EngineInputs(
         model=model, optimizer=optimizer, scheduler=scheduler, grad_clip=s.optim.grad_clip, device=device,
         scaler=s.precision.make_scaler(device.type), compute_dtype=s.precision.compute_dtype,
         bucket_bytes=bucket.bucket_bytes, bucket_elements=bucket.elements, overlap=s.overlap.enabled,
-        comm_hook=comm_hook, make_optimizer=lambda m: _optimizer_and_schedule(m, s.optim, s.train.steps)))
+        comm_hook=comm_hook, make_optimizer=lambda m: _optimizer_and_schedule(m, s.optim, s.train.steps),
+        **({"dp_mesh": layout.mesh["dp"], "clip_grad_norm": tp_clip_grad_norm_} if layout.tp > 1 else {})))
     return engine, bucket, topology
 
 

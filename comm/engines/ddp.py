@@ -38,16 +38,20 @@ class DDPConfig:
 
     def build(self, inputs: EngineInputs) -> DDPEngine:
         i = inputs
-        return DDPEngine(i.model, i.optimizer, i.scheduler, cfg=self, grad_clip=i.grad_clip, device=i.device,
-                         scaler=i.scaler, bucket_bytes=i.bucket_bytes, comm_hook=i.comm_hook, overlap=i.overlap)
+        engine = DDPEngine(i.model, i.optimizer, i.scheduler, cfg=self, grad_clip=i.grad_clip, device=i.device,
+                           scaler=i.scaler, bucket_bytes=i.bucket_bytes, comm_hook=i.comm_hook, overlap=i.overlap,
+                           dp_mesh=i.dp_mesh)
+        engine.clip_grad_norm = i.clip_grad_norm
+        return engine
 
 
 class DDPEngine(TorchOptimizerEngine):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, cfg: DDPConfig,
                  grad_clip: float, device: torch.device, scaler: torch.amp.GradScaler, bucket_bytes: int,
-                 comm_hook=None, overlap: bool = True):
+                 comm_hook=None, overlap: bool = True, dp_mesh=None):
         """bucket_bytes: from a comm.buckets policy. comm_hook: (hook, state) from comm.hooks.build_comm_hook, or
-        None for DDP's native all-reduce."""
+        None for DDP's native all-reduce. dp_mesh: with tensor parallelism, the mesh's data-parallel dimension
+        (DDP then reduces over it and accepts the DTensor parameters; a process group would not)."""
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if self.distributed and comm_hook is None and not overlap:
             raise ValueError("comm.overlap.enabled=false with engine=ddp needs a chuanliu hook (DDP's native "
@@ -55,7 +59,12 @@ class DDPEngine(TorchOptimizerEngine):
         self.raw = model
         self.model = model
         self.device = device
-        if self.distributed:
+        # Tensor parallelism: DDP is not used. torch 2.13's DDP(device_mesh=...) over DTensor parameters ran, but
+        # its gradients came out ~70x too small (gloo, tp=2, even with dp=1; losses still matched under AdamW, which
+        # is scale-free); so the gradients are all-reduced over the dp group after backward (_reduce_dp).
+        self.dp_group = None if dp_mesh is None or dp_mesh.size() == 1 else dp_mesh.get_group()
+        self.dp_size = 1 if dp_mesh is None else dp_mesh.size()
+        if self.distributed and dp_mesh is None:
             self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                              bucket_cap_mb=bucket_bytes / 2**20, static_graph=cfg.static_graph,
                              gradient_as_bucket_view=cfg.gradient_as_bucket_view, **NO_BUFFER_SYNC)
@@ -67,6 +76,11 @@ class DDPEngine(TorchOptimizerEngine):
         self.knobs = {"engine": "ddp", "bucket_cap_mb": bucket_bytes / 2**20, "comm_hook": comm_hook is not None,
                       "overlap": overlap, "static_graph": cfg.static_graph}
         self.unhonoured: list[str] = []
+        if dp_mesh is not None:
+            self.knobs["dp_reduce"] = "after backward, per parameter" if self.dp_group else "none (dp=1)"
+            if self.dp_group:
+                self.unhonoured.append("with parallel.tp>1 gradients are all-reduced over the data-parallel group "
+                                       "after backward, one collective per parameter: no DDP buckets, no overlap")
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
         self.scaler = scaler  # a disabled GradScaler passes everything through
         self.skipped_steps = 0
@@ -78,13 +92,26 @@ class DDPEngine(TorchOptimizerEngine):
         return self.raw
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.raw.named_parameters()}
+        # Tensor-parallel parameters are DTensors: gathered whole (collective over their tp group).
+        return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+                for name, p in self.raw.named_parameters()}
 
     def _accumulating(self, last: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if last or not self.distributed else self.model.no_sync()
+        wrapped = self.model is not self.raw
+        return contextlib.nullcontext() if last or not wrapped else self.model.no_sync()
+
+    def _reduce_dp(self) -> None:
+        """Tensor parallelism: average every gradient (a DTensor's local shard) over the data-parallel group."""
+        for p in self.raw.parameters():
+            if p.grad is not None:
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                dist.all_reduce(g, group=self.dp_group)
+                g.div_(self.dp_size)
 
     def step(self) -> dict[str, float]:
         """The shared optimizer step (TorchOptimizerEngine), plus this step's timings from a chuanliu hook."""
+        if self.dp_group is not None:
+            self._reduce_dp()
         stats = self._optimizer_step()
         if self.comm_state is not None:
             stats.update(self.comm_state.step_stats(), **{"comm/bucket_bytes": self.bucket_bytes})

@@ -43,6 +43,10 @@ class EngineInputs:
     # Builds (optimizer, scheduler) for a module: engines that replace the parameters (FSDP2's DTensors) build
     # their optimizer again over the new ones, with the same parameter groups and schedule.
     make_optimizer: Callable[[nn.Module], tuple[torch.optim.Optimizer, Any]] | None = None
+    # Tensor parallelism (comm/parallel): the data-parallel dimension of the (dp, pp, tp) mesh the engine reduces
+    # over (None: every rank), and the gradient-norm clip that counts sharded gradients once.
+    dp_mesh: Any = None
+    clip_grad_norm: Callable[[Iterable[torch.Tensor], float], torch.Tensor] = torch.nn.utils.clip_grad_norm_
 
     def __post_init__(self) -> None:
         if self.bucket_elements is None:
@@ -117,6 +121,7 @@ class TorchOptimizerEngine:
     model: nn.Module  # what the loop calls: the engine's wrapper (DDP) or the module itself
     device: torch.device
     distributed: bool  # more than one data-parallel rank
+    clip_grad_norm: Callable = staticmethod(torch.nn.utils.clip_grad_norm_)  # EngineInputs.clip_grad_norm
 
     def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
                          forward_context: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
@@ -144,7 +149,7 @@ class TorchOptimizerEngine:
         scaler skipped because gradients overflowed."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        grad_norm = self.clip_grad_norm(self.module.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm
             grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
