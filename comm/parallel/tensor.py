@@ -27,9 +27,16 @@ loss_fn is replaced (the reference cross-entropy only: a chunked or fused loss i
 Recomputation (torch.utils.checkpoint, non-reentrant) of a layer, an MLP or an attention core re-runs the same
 collectives in backward on every rank, so it composes; apply it before or after this function.
 
+Data parallelism on top (the "dp" dim of comm.parallel.mesh.build_mesh): either all-reduce every gradient's local
+shard over ``mesh["dp"]`` after backward (comm/engines/ddp.py does), or FSDP2 ``fully_shard(..., mesh=mesh["dp"])``
+after this function (2-D DTensors; tests/distributed/test_tensor_parallel.py checks both). Not
+``DDP(device_mesh=mesh["dp"])``: in torch 2.13 its TP hook (``_pre_dp_module_transform``) swaps the root module's
+parameters for plain attributes at the first forward, after which ``named_parameters()`` is empty.
+
 Limits: under SP, T must be divisible by t; the attention forward is replaced by a copy that reshapes to the local
 width (an attention whose forward was already wrapped is refused); without SP the optimizer sees a mix of
-DTensor and plain parameters (use ``clip_grad_norm_`` below, not torch's).
+DTensor and plain parameters (use ``clip_grad_norm_`` below, not torch's); the embedding and the LM head share no
+weight (Baichuan's are untied), so nothing here handles tying.
 """
 from __future__ import annotations
 
@@ -198,8 +205,24 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
         "lm_head": ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate()),
     })
     model.loss_fn = _make_tp_loss(tp_mesh, sp)
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            p.register_post_accumulate_grad_hook(_settle_grad)
     model._tp_degree = tp
     return model
+
+
+def _settle_grad(p: DTensor) -> None:
+    """Give a DTensor parameter's gradient the parameter's own placements, once per backward.
+
+    Why: torch 2.13 leaves some gradients in other layouts: a sequence-parallel norm weight (Replicate) gets a
+    Partial(sum) gradient (each rank's part of the sequence), and the vocabulary-split embedding (Shard(0)) a
+    Replicate one (the whole (V, C) table on every rank). Every later consumer (a data-parallel all-reduce of the
+    local shards, the norm in ``clip_grad_norm_``, AdamW) then sees a gradient laid out like its parameter: the
+    Partial one is all-reduced here once (Megatron's SP norm-gradient all-reduce), the Replicate one sliced.
+    """
+    if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
+        p.grad = p.grad.redistribute(p.device_mesh, p.placements)
 
 
 def _row_perm(module_of: dict, name: str) -> torch.Tensor | None:
@@ -257,6 +280,7 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     Why not torch.nn.utils.clip_grad_norm_: on such a mix (torch 2.13, gloo) it returned 0.047 for a tp=2 model
     whose unsharded twin's norm was 3.29. Here a sharded gradient contributes its local squares summed over its
     mesh (each element counted once), a replicated one (plain, or a Replicate DTensor) its own squares once.
+    Works for 2-D (dp, tp) DTensors too (FSDP2 over a tensor-parallel model): each Shard mesh dim is summed over.
     """
     params = [p for p in parameters if p.grad is not None]
     if not params:
@@ -265,9 +289,12 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     for p in params:
         g = p.grad
         if isinstance(g, DTensor):
+            if any(pl.is_partial() for pl in g.placements):  # not settled (``_settle_grad``): sum it first
+                g = g.redistribute(g.device_mesh, [Replicate() if pl.is_partial() else pl for pl in g.placements])
             local = g.to_local().detach().double().pow(2).sum()
-            if any(pl.is_shard() for pl in g.placements):
-                torch.distributed.all_reduce(local, group=g.device_mesh.get_group())
+            for dim, pl in enumerate(g.placements):  # every mesh dim that splits it: tp, and dp under FSDP2
+                if not pl.is_replicate():  # Shard, or FSDP2's _StridedShard (whose is_shard() is False)
+                    torch.distributed.all_reduce(local, group=g.device_mesh.get_group(dim))
             total = total + local.cpu()
         else:
             total = total + g.detach().double().pow(2).sum().cpu()
