@@ -6,7 +6,9 @@ Keys (the report, the wandb dashboard and the tests read these names):
     perf/tflops/<conv>  perf/mfu/<conv>      <conv> in analysis.flops.CONVENTIONS; TFLOPS are per device,
                                              MFU a fraction of the device peak (null when the peak is unknown)
     mem/peak_bytes                           CUDA max allocated on GPU, peak RSS of the process on CPU
-Anything else a component measures (comm/..., fault/...) arrives in ``extra`` and is passed through.
+Anything else a component measures (comm/..., fault/...) arrives in ``extra`` and is passed through; EXTRA_KEYS
+lists those keys, and ``step_keys``/``summary_keys`` give the full lists the dashboard (analysis/dashboard.py) and
+the tests read (tests/integration/test_dashboard.py holds them against a real run).
 """
 from __future__ import annotations
 
@@ -20,6 +22,40 @@ from analysis.flops import CONVENTIONS, DEFAULT_CONVENTION
 from analysis.peaks import BAICHUAN_7B
 
 log = logging.getLogger(__name__)
+
+# What components pass through ``extra``, and who emits it (grep the emitter for the name). Every step logs each key
+# (null where it does not apply) except the comm/ ones, which need more than one rank and a chuanliu all-reduce hook
+# (comm/algorithm=flat|hierarchical under DDP).
+EXTRA_KEYS: dict[str, str] = {
+    "mem/activation_bytes": "bytes autograd saved for backward (experiments/trainer.py, systems/memory.py's meter)",
+    "precision/loss_scale": "fp16 loss scale, 1.0 without a scaler (engine.step(), comm/engines/engine.py)",
+    "precision/skipped_steps": "optimizer steps skipped on fp16 overflow so far (engine.step())",
+    "fault/forward_s": "this rank's forward compute time, the straggler signal (experiments/trainer.py)",
+    "fault/ckpt_block_s": "seconds a checkpoint save blocked training; null on steps without one (trainer)",
+    "comm/total_s": "seconds inside collectives this step (comm/hooks.py CommState.step_stats)",
+    "comm/exposed_s": "communication not hidden behind backward, seconds (comm/hooks.py)",
+    "comm/exposed_frac": "comm/exposed_s over comm/total_s (comm/hooks.py)",
+    "comm/bucket_bytes": "gradient bucket size the comm/bucket policy chose (comm/engines/ddp.py)",
+}
+MEDIAN_PREFIXES = ("mem/", "comm/", "precision/")  # extra keys summary.json holds steady-state medians of
+
+
+def step_keys(conventions: tuple[str, ...] = CONVENTIONS) -> list[str]:
+    """Every key one training step logs (a metrics.jsonl row besides step and time; the wandb history)."""
+    keys = ["train/loss", "train/lr", "train/grad_norm", "perf/step_s", "perf/tokens_per_s",
+            "perf/tokens_per_s_per_device"]
+    keys += [f"perf/{k}/{c}" for c in conventions for k in ("tflops", "mfu")]
+    return keys + ["mem/peak_bytes", *EXTRA_KEYS]
+
+
+def summary_keys(conventions: tuple[str, ...] = CONVENTIONS) -> list[str]:
+    """summary.json's figures as the wandb sink stores them in the run summary (nested keys joined by dots): the
+    steady-state medians, the peak memory over the run and the comparison with Baichuan-7B."""
+    from analysis.sinks import _flatten  # the wandb sink's own flattening
+
+    medians = [k for k in step_keys(conventions) if k.startswith(("perf/", *MEDIAN_PREFIXES))]
+    vs = _flatten(compare_to_baichuan({}, {}), "vs_baichuan_7b.")
+    return [f"median.{k}" for k in medians] + ["mem/peak_bytes", "loss.first", "loss.last", *vs]
 
 
 class Sink(Protocol):
@@ -65,7 +101,7 @@ class MetricsProcessor:
         steady = self.history[self.warmup_steps:] or self.history
         keys = ["perf/step_s", "perf/tokens_per_s", "perf/tokens_per_s_per_device"]
         keys += [f"perf/{k}/{c}" for k in ("tflops", "mfu") for c in CONVENTIONS]
-        keys += sorted({k for m in steady for k in m if k.startswith(("mem/", "comm/", "precision/"))})
+        keys += sorted({k for m in steady for k in m if k.startswith(MEDIAN_PREFIXES)})
         med = {k: _median([m.get(k) for m in steady]) for k in keys}
         return {
             "steps": len(self.history),
