@@ -60,7 +60,7 @@ class DashboardError(Exception):
 
 def known_keys() -> set[str]:
     """Every key a panel may name: what runs, the report and drills really log (history and summary)."""
-    return {*step_keys(), *summary_keys(), REPORT_TABLE, *REPORT_IMAGES, DRILL_TABLE, *DRILL_SUMMARY}
+    return {*step_keys(pipeline=True), *summary_keys(pipeline=True), REPORT_TABLE, *REPORT_IMAGES, DRILL_TABLE, *DRILL_SUMMARY}
 
 
 # ---------------------------------------------------------------- sections and panels
@@ -126,6 +126,16 @@ def sections() -> list[tuple[str, list]]:
                 (`comm/algorithm=flat|hierarchical`, engine=ddp). Exposed = from the last bucket becoming ready
                 to the last reduction finishing: the part overlap did not hide. The bucket size is the
                 `comm/bucket` policy's choice."""),
+        ]),
+        ("Pipeline", [
+            _line("pipeline bubble per step: measured and what the schedule should reach",
+                  ["pp/bubble", "pp/bubble_simulated", "pp/bubble_formula"]),
+            _line("pipeline: step and p2p wait, s", ["pp/step_s", "pp/p2p_wait_s"]),
+            _note("""
+                Logged by runs with `parallel.pp>1`. Measured = idle / step per pipeline rank, averaged (idle = the
+                step minus the rank's own stage compute). Simulated = torch's action lists for the schedule
+                list-scheduled at equal forward, input- and weight-gradient times; formula = the schedule's paper
+                form (comm/parallel/pipeline.py)."""),
         ]),
         ("Precision and learning", [
             _line("loss scale (fp16; 1.0 without a scaler)", ["precision/loss_scale"], log_y=True),

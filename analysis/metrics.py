@@ -37,23 +37,34 @@ EXTRA_KEYS: dict[str, str] = {
     "comm/exposed_frac": "comm/exposed_s over comm/total_s (comm/hooks.py)",
     "comm/bucket_bytes": "gradient bucket size the comm/bucket policy chose (comm/engines/ddp.py)",
 }
-MEDIAN_PREFIXES = ("mem/", "comm/", "precision/")  # extra keys summary.json holds steady-state medians of
+# Logged every step only under pipeline parallelism (parallel.pp > 1; comm/engines/pipeline.py, engine.step()).
+PIPELINE_KEYS: dict[str, str] = {
+    "pp/bubble": "measured bubble: mean over the pipeline's ranks of idle / step, idle = step - own stage compute "
+                 "(comm/parallel/pipeline.py measure_step)",
+    "pp/p2p_wait_s": "mean seconds a pipeline rank spent inside the schedule's p2p waits this step",
+    "pp/step_s": "the schedule step's wall time, slowest pipeline rank, from a common barrier",
+    "pp/bubble_simulated": "torch's action lists for this schedule list-scheduled at T_F=T_B=T_W: the bubble the "
+                           "schedule should reach (constant per run)",
+    "pp/bubble_formula": "the schedule's paper formula at T_F=T_B=T_W (constant per run)",
+}
+MEDIAN_PREFIXES = ("mem/", "comm/", "precision/", "pp/")  # extra keys summary.json holds steady-state medians of
 
 
-def step_keys(conventions: tuple[str, ...] = CONVENTIONS) -> list[str]:
-    """Every key one training step logs (a metrics.jsonl row besides step and time; the wandb history)."""
+def step_keys(conventions: tuple[str, ...] = CONVENTIONS, *, pipeline: bool = False) -> list[str]:
+    """Every key one training step logs (a metrics.jsonl row besides step and time; the wandb history);
+    ``pipeline``: a run with parallel.pp > 1, which adds PIPELINE_KEYS."""
     keys = ["train/loss", "train/lr", "train/grad_norm", "perf/step_s", "perf/tokens_per_s",
             "perf/tokens_per_s_per_device"]
     keys += [f"perf/{k}/{c}" for c in conventions for k in ("tflops", "mfu")]
-    return keys + ["mem/peak_bytes", *EXTRA_KEYS]
+    return keys + ["mem/peak_bytes", *EXTRA_KEYS, *(PIPELINE_KEYS if pipeline else ())]
 
 
-def summary_keys(conventions: tuple[str, ...] = CONVENTIONS) -> list[str]:
+def summary_keys(conventions: tuple[str, ...] = CONVENTIONS, *, pipeline: bool = False) -> list[str]:
     """summary.json's figures as the wandb sink stores them in the run summary (nested keys joined by dots): the
     steady-state medians, the peak memory over the run and the comparison with Baichuan-7B."""
     from analysis.sinks import _flatten  # the wandb sink's own flattening
 
-    medians = [k for k in step_keys(conventions) if k.startswith(("perf/", *MEDIAN_PREFIXES))]
+    medians = [k for k in step_keys(conventions, pipeline=pipeline) if k.startswith(("perf/", *MEDIAN_PREFIXES))]
     vs = _flatten(compare_to_baichuan({}, {}), "vs_baichuan_7b.")
     return [f"median.{k}" for k in medians] + ["mem/peak_bytes", "loss.first", "loss.last", *vs]
 

@@ -231,35 +231,84 @@ class Layout:
     dp_rank: int
     dp_size: int
     tp: int
+    pp: int = 1
     mesh: Any = None  # torch DeviceMesh with dims ("dp", "pp", "tp"), or None (plain data parallelism)
     groups: dict[str, Any] = field(default_factory=dict)  # which ranks form each group (summary.json)
+    pp_microbatches: int = 1  # the schedule's microbatches per step (pp > 1)
+
+    def dp_of_rank(self, world_size: int) -> list[int]:
+        """Every rank's data-parallel coordinate (the checkpoint maps per-rank data positions by it)."""
+        if self.mesh is None:
+            return list(range(world_size))
+        return [r // (world_size // self.dp_size) for r in range(world_size)]  # dp is the outermost mesh dim
+
+
+def pipeline_microbatches(s: Settings) -> int:
+    """The schedule's microbatches per step: parallel.pp_microbatches, or the step's accumulation micro-batches
+    (at least one per stage); the step's rows (micro-batch x accumulation) must split into them evenly."""
+    p, t = s.parallel, s.train
+    stages = p.pp * p.pp_virtual_stages
+    m = p.pp_microbatches or max(t.grad_accum_steps, stages)
+    rows = t.micro_batch_size * t.grad_accum_steps
+    if rows % m:
+        raise ConfigError(f"parallel.pp={p.pp}: a step's {rows} rows (train.micro_batch_size={t.micro_batch_size} x "
+                          f"train.grad_accum_steps={t.grad_accum_steps}) do not split into {m} equal pipeline "
+                          "microbatches; set parallel.pp_microbatches to a divisor of the rows, or change the batch")
+    return m
 
 
 def build_layout(s: Settings, info: DistInfo, device: torch.device) -> Layout:
-    """dp = world / (tp x pp), refused when it does not divide; with tp > 1 the mesh, tp innermost (one node).
-    What tensor parallelism cannot combine with yet is refused here, before any work."""
+    """dp = world / (tp x pp), refused when it does not divide; with tp or pp > 1 the mesh, tp innermost (one
+    node), dp outermost. What model parallelism cannot combine with yet is refused here, before any work."""
     p = s.parallel
     shape = p.layout(info.world_size, n_heads=s.model.n_heads, n_layers=s.model.n_layers)
     if p.tp == 1 and p.pp == 1:
         return Layout(dp_rank=info.rank, dp_size=info.world_size, tp=1)
-    if p.pp > 1:
-        raise ConfigError(f"parallel.pp={p.pp}: pipeline parallelism is not wired into the trainer yet (the "
-                          "schedules live in comm/parallel/); use parallel.pp=1")
+    which = " and ".join(f"parallel.{k}={getattr(p, k)}" for k in ("tp", "pp") if getattr(p, k) > 1)
     limits = {"engine=ddp": isinstance(s.engine, DDPConfig),
               "comm/algorithm=native": type(s.algorithm) is AlgorithmConfig,
-              "no splitting": not any(v is True for v in s.splitting.__dict__.values()),
-              "fusion without compiled or Liger kernels (fusion=sdpa or eager)":
-                  not s.fusion.compile_layers and all(getattr(s.fusion, op) == "eager"
-                                                       for op in ("rmsnorm", "swiglu", "rope", "loss")),
               "precision other than fp8": s.precision.compute_dtype != "fp8"}
+    if p.tp > 1:
+        limits.update({
+            "no splitting": not any(v is True for v in s.splitting.__dict__.values()),
+            "fusion without compiled or Liger kernels (fusion=sdpa or eager)":
+                not s.fusion.compile_layers and all(getattr(s.fusion, op) == "eager"
+                                                     for op in ("rmsnorm", "swiglu", "rope", "loss"))})
+    if p.pp > 1:
+        limits["no fp16 loss scaling"] = s.precision.loss_scaling == "none"
+        if p.tp > 1:
+            limits["no sequence parallelism together with pp"] = not p.sequence_parallel
     missing = [k for k, ok in limits.items() if not ok]
     if missing:
-        raise ConfigError(f"parallel.tp={p.tp} runs, for now, only with {', '.join(limits)}; this run lacks: "
+        raise ConfigError(f"{which} runs, for now, only with {', '.join(limits)}; this run lacks: "
                           f"{', '.join(missing)}")
+    m = 1
+    if p.pp > 1:
+        from comm.parallel.pipeline import check_layout
+
+        m = pipeline_microbatches(s)
+        try:
+            check_layout(p.pp_schedule, p.pp, p.pp_virtual_stages, s.model.n_layers, m)
+        except ValueError as e:
+            raise ConfigError(f"parallel.pp_schedule={p.pp_schedule}: {e}") from None
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
     mesh, groups = build_mesh(p, info.world_size, device.type, ranks_per_node=per_node, n_heads=s.model.n_heads,
                               n_layers=s.model.n_layers)
-    return Layout(dp_rank=groups["coords"]["dp"], dp_size=shape["dp"], tp=p.tp, mesh=mesh, groups=groups)
+    return Layout(dp_rank=groups["coords"]["dp"], dp_size=shape["dp"], tp=p.tp, pp=p.pp, mesh=mesh, groups=groups,
+                  pp_microbatches=m)
+
+
+def split_pipeline(s: Settings, model: torch.nn.Module, layout: Layout, device: torch.device):
+    """pp > 1: this rank's stages and the schedule (comm/parallel/pipeline.py), and the model pruned to them (its
+    parameters keep the unsplit names). pp = 1: (None, model)."""
+    if layout.pp == 1:
+        return None, model
+    from comm.parallel.pipeline import build_pipeline, stage_module
+
+    p = s.parallel
+    pipe = build_pipeline(model, layout.mesh["pp"], schedule=p.pp_schedule, n_microbatches=layout.pp_microbatches,
+                          virtual_stages=p.pp_virtual_stages, device=device)
+    return pipe, stage_module(model, pipe.chunks)
 
 
 def build_run(cfg: DictConfig, run_dir: Path) -> Run:
@@ -282,16 +331,21 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                               device_type=device.type)
     if layout.tp > 1:  # after the operator slots are set: it replaces the loss with its vocabulary gather
         apply_tensor_parallel(model, layout.mesh["tp"], s.parallel.sequence_parallel)
+    n_params = count_parameters(model)  # the whole model's, before a pipeline keeps this rank's stages
+    pipe, model = split_pipeline(s, model, layout, device)
     work = measure_work(s, device, info, kernels, layout)
-    engine, bucket, topology = build_engine(s, model, device, info, memory, work, layout)
+    engine, bucket, topology = build_engine(s, model, device, info, memory, work, layout, pipe)
     environment = describe(s, device, info, work, model, kernels, tokenizer, engine, bucket, topology, memory)
-    environment["parallel"] = {"tp": layout.tp, "pp": s.parallel.pp, "dp": layout.dp_size,
+    environment["parameters"] = n_params
+    environment["parallel"] = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp_size,
                                "sequence_parallel": s.parallel.sequence_parallel and layout.tp > 1,
+                               **({"schedule": pipe.knobs["schedule"], "virtual_stages": pipe.knobs["virtual_stages"],
+                                   "microbatches": pipe.knobs["n_microbatches"]} if pipe else {}),
                                **{k: v for k, v in layout.groups.items() if k.endswith("_groups")}}
     metrics = build_metrics(s, cfg, run_dir, info, work, engine, kernels, tokenizer, environment)
     compute_timer = ComputeTimer(device)
     compute_timer.exclude_engine_hooks(engine.module)  # before chaos or anything else adds forward pre-hooks
-    fault = build_fault_tolerance(s, run_dir, info)
+    fault = build_fault_tolerance(s, run_dir, info, layout)
     sync = synchronizer(device)
     run = Run(train=s.train, info=info, device=device, precision=s.precision, engine=engine,
               next_batch=lambda: loader.next_batch().to(device, non_blocking=True), metrics=metrics,
@@ -325,7 +379,7 @@ def measure_work(s: Settings, device: torch.device, info: DistInfo, kernels: dic
 
 
 def build_engine(s: Settings, model: torch.nn.Module, device: torch.device, info: DistInfo, memory: MemoryEstimate,
-                 work: Work, layout: Layout) -> tuple[Engine, BucketChoice, Any]:
+                 work: Work, layout: Layout, pipe=None) -> tuple[Engine, BucketChoice, Any]:
     """The collectives (topology, groups, comm hook), the bucket size, then the engine over the model."""
     comm_hook, topology, reduce = None, None, MeasuredCollective("flat all-reduce", flat_all_reduce)
     if info.world_size > 1:  # collectives: every rank discovers and builds the same groups
@@ -343,7 +397,8 @@ def build_engine(s: Settings, model: torch.nn.Module, device: torch.device, info
         scaler=s.precision.make_scaler(device.type), compute_dtype=s.precision.compute_dtype,
         bucket_bytes=bucket.bucket_bytes, bucket_elements=bucket.elements, overlap=s.overlap.enabled,
         comm_hook=comm_hook, make_optimizer=lambda m: _optimizer_and_schedule(m, s.optim, s.train.steps),
-        **({"dp_mesh": layout.mesh["dp"], "clip_grad_norm": tp_clip_grad_norm_} if layout.tp > 1 else {})))
+        **({"dp_mesh": layout.mesh["dp"], "clip_grad_norm": tp_clip_grad_norm_} if layout.mesh is not None else {}),
+        pipeline=pipe))
     return engine, bucket, topology
 
 
@@ -415,7 +470,7 @@ def checkpoint_fingerprint(model_cfg: ModelConfig, train: TrainConfig) -> dict[s
             "grad_accum_steps": train.grad_accum_steps}
 
 
-def build_fault_tolerance(s: Settings, run_dir: Path, info: DistInfo) -> FaultTolerance:
+def build_fault_tolerance(s: Settings, run_dir: Path, info: DistInfo, layout: Layout) -> FaultTolerance:
     """The event log, the watchdog (watching from here on, under its start-up timeout), the checkpoint manager and
     the chaos injectors, in that order."""
     events = EventLog(run_dir, info.rank)
@@ -423,7 +478,7 @@ def build_fault_tolerance(s: Settings, run_dir: Path, info: DistInfo) -> FaultTo
                         events=events).start()
     checkpoint = CheckpointManager(s.checkpoint, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
                                    fingerprint=checkpoint_fingerprint(s.model, s.train), events=events,
-                                   progress=watchdog.progress)
+                                   progress=watchdog.progress, dp_of_rank=layout.dp_of_rank(info.world_size))
     chaos = Chaos(s.chaos, rank=info.rank, world_size=info.world_size, total_steps=s.train.steps, events=events,
                   checkpoint_dir=checkpoint_dir(s.checkpoint, run_dir))
     return FaultTolerance(events=events, watchdog=watchdog, checkpoint=checkpoint, chaos=chaos)
@@ -513,7 +568,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                                 "precision/loss_scale": stats["loss_scale"],
                                 "precision/skipped_steps": stats["skipped_steps"],
                                 "fault/forward_s": forward_s, "fault/ckpt_block_s": block_s,
-                                **{k: v for k, v in stats.items() if k.startswith("comm/")}})
+                                **{k: v for k, v in stats.items() if k.startswith(("comm/", "pp/"))}})
         run.watchdog.beat(step, "done", forward_s)
         if step == run.start_step + 1 and run.info.is_main:
             run.events.emit("step_done", step=step)  # the first step of this process: recovery is complete

@@ -409,8 +409,13 @@ def _not_shared(directory: Path, host: str, n: int, example: str) -> str:
 
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, *, run_dir: Path, rank: int, world_size: int,
-                 fingerprint: dict, events: EventLog | None = None, progress: Progress | None = None):
+                 fingerprint: dict, events: EventLog | None = None, progress: Progress | None = None,
+                 dp_of_rank: list[int] | None = None):
+        """dp_of_rank: every rank's data-parallel coordinate (tensor and pipeline ranks of one replica share it);
+        None: every rank its own. A checkpoint's per-rank state (data position, RNG) is read from a rank with the
+        same coordinate, so a job may resume under another tp x pp layout as long as dp is the same."""
         self.cfg, self.rank, self.world_size, self.events, self.progress = cfg, rank, world_size, events, progress
+        self.dp_of_rank = list(dp_of_rank) if dp_of_rank is not None else list(range(world_size))
         self._host = socket.gethostname()
         self.dir = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # as it reads back from JSON
@@ -607,7 +612,7 @@ class CheckpointManager:
             if p.is_file() and name not in files:
                 files[name] = {"bytes": p.stat().st_size, "sha256": save_io.sha256(p)}
         manifest = {"format": FORMAT, "step": step, "world_size": self.world_size,
-                    "fingerprint": self.fingerprint, "time": time.time(), "torch": torch.__version__,
+                    "dp_of_rank": self.dp_of_rank, "fingerprint": self.fingerprint, "time": time.time(), "torch": torch.__version__,
                     "files": dict(sorted(files.items()))}
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         _fsync_dir(tmp)
@@ -669,7 +674,8 @@ class CheckpointManager:
                  no_dist=not self._distributed)
         if native is not None:
             native(path)
-        per_rank = load_per_rank(path / f"rank{self.rank:05d}.pt")
+        source = self._source_rank(json.loads((path / MANIFEST).read_text()))
+        per_rank = load_per_rank(path / f"rank{source:05d}.pt")
         return Loaded(step=step, path=path, per_rank=per_rank, sharded=sharded)
 
     def _candidates(self) -> tuple[list[Path], bool]:
@@ -749,11 +755,22 @@ class CheckpointManager:
             if self.cfg.verify and SaveIO(path, self.progress, None).sha256(f) != info["sha256"]:
                 raise _Corrupt(f"{name} fails its sha256 check")
 
+    @staticmethod
+    def _old_dp(manifest: dict) -> list[int]:
+        return manifest.get("dp_of_rank") or list(range(manifest["world_size"]))  # older manifests: pure dp
+
+    def _source_rank(self, manifest: dict) -> int:
+        """The writer rank whose per-rank state this rank takes: the first with this rank's dp coordinate."""
+        return self._old_dp(manifest).index(self.dp_of_rank[self.rank])
+
     def _check_compatible(self, path: Path, manifest: dict) -> None:
-        if manifest["world_size"] != self.world_size:
-            raise CheckpointError(f"checkpoint {path} was written by {manifest['world_size']} ranks, this job "
-                                  f"has {self.world_size}: per-rank state (data position, RNG) cannot be mapped; "
-                                  f"run with {manifest['world_size']} ranks, or {_FRESH}")
+        old_dp, new_dp = len(set(self._old_dp(manifest))), len(set(self.dp_of_rank))
+        if old_dp != new_dp:
+            raise CheckpointError(
+                f"checkpoint {path} was written with {old_dp} data-parallel replicas ({manifest['world_size']} "
+                f"ranks), this job has {new_dp} ({self.world_size} ranks): each replica's data position and RNG "
+                f"cannot be mapped onto another data-parallel size; resume with dp={old_dp} (world = {old_dp} x "
+                f"parallel.tp x parallel.pp; tp and pp may change), or {_FRESH}")
         old, new = _flatten(manifest["fingerprint"]), _flatten(self.fingerprint)
         diff = [f"{k}: checkpoint {old.get(k)!r}, this run {new.get(k)!r}"
                 for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]

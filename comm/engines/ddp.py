@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from comm.engines.engine import EngineInputs, StateBytes, TorchOptimizerEngine
+from comm.engines.pipeline import PipelineEngine
 
 # The RoPE tables are the model's only buffers, identical constants: no buffer collective in each forward (which
 # also keeps the forward free of communication, so the watchdog can time it as the rank's own speed).
@@ -36,8 +37,11 @@ class DDPConfig:
         copy = 4 * n_params if dp > 1 and not self.gradient_as_bucket_view else 0
         return StateBytes(weights=4 * n_params, grads=4 * n_params, optimizer=8 * n_params, buffers=copy)
 
-    def build(self, inputs: EngineInputs) -> DDPEngine:
+    def build(self, inputs: EngineInputs) -> DDPEngine | PipelineEngine:
         i = inputs
+        if i.pipeline is not None:  # parallel.pp > 1: the schedule runs the stages, dp reduces after it
+            return PipelineEngine(i.pipeline, i.model, i.optimizer, i.scheduler, grad_clip=i.grad_clip,
+                                  device=i.device, scaler=i.scaler, dp_mesh=i.dp_mesh)
         engine = DDPEngine(i.model, i.optimizer, i.scheduler, cfg=self, grad_clip=i.grad_clip, device=i.device,
                            scaler=i.scaler, bucket_bytes=i.bucket_bytes, comm_hook=i.comm_hook, overlap=i.overlap,
                            dp_mesh=i.dp_mesh)

@@ -21,7 +21,14 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from comm.parallel.tensor import from_canonical, to_canonical
+
+# Optimizer state keyed per parameter ("state.<name>.exp_avg", "param_groups.<name>.lr"), not by each rank's
+# parameter-group lists: the keys then do not depend on which rank holds which parameters, so a checkpoint
+# written under one parallel layout (pipeline stages, tensor shards) is read under another.
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 @dataclass(kw_only=True)
@@ -47,6 +54,9 @@ class EngineInputs:
     # over (None: every rank), and the gradient-norm clip that counts sharded gradients once.
     dp_mesh: Any = None
     clip_grad_norm: Callable[[Iterable[torch.Tensor], float], torch.Tensor] = torch.nn.utils.clip_grad_norm_
+    # Pipeline parallelism: this rank's stages and schedule (comm.parallel.pipeline.Pipeline); ``model`` is then
+    # the model pruned to them. None: no pipeline.
+    pipeline: Any = None
 
     def __post_init__(self) -> None:
         if self.bucket_elements is None:
@@ -166,11 +176,13 @@ class TorchOptimizerEngine:
         return {"grad_norm": grad_norm.item(), "lr": lr, "loss_scale": scale, "skipped_steps": self.skipped_steps}
 
     def sharded_state(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=STATE_DICT_OPTIONS)
+        return to_canonical(self.module, {"model": model_sd, "optim": optim_sd})
 
     def load_sharded_state(self, state: dict[str, Any]) -> None:
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        state = from_canonical(self.module, state)
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=STATE_DICT_OPTIONS)
 
     def local_state(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),

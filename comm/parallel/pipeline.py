@@ -699,3 +699,32 @@ def relative_gap(measured: float, reference: float) -> float:
     if reference == 0:
         return 0.0 if measured == 0 else math.inf
     return abs(measured - reference) / reference
+
+# ---------------------------------------------------------------- this rank's part of the model, as one module
+
+
+def stage_module(model: nn.Module, chunks: list[PipelineChunk]) -> nn.Module:
+    """``model`` pruned in place to what this rank's chunks hold, so one module names exactly this rank's
+    parameters under the unsplit model's names: ``model.layers`` becomes a ModuleDict of the held layers keyed by
+    their original index, and the embedding (no first stage here), final norm and LM head (no last stage) become
+    None. The chunks keep running the same module objects. Engines build the optimizer and the checkpoint state
+    (torch.distributed.checkpoint, by these names) over it, which is what lets a checkpoint written with one
+    pp be read with another: every rank writes and asks for its own keys.
+
+    Not callable as a model any more (its forward would miss layers): the schedule runs the chunks."""
+    held = sorted(i for c in chunks for i in c.layer_ids)
+    inner = model.model
+    inner.layers = nn.ModuleDict({str(i): inner.layers[i] for i in held})
+    if not any(c.is_first for c in chunks):
+        inner.embed_tokens = None
+    if not any(c.is_last for c in chunks):
+        inner.norm = None
+        model.lm_head = None
+    model._pipeline_chunks = [c.stage_index for c in chunks]
+    return model
+
+
+def bubble_summary(name: str, p: int, m: int, v: int) -> dict[str, float]:
+    """The schedule's bubble, two references: the papers' formula and torch's action lists simulated, both at
+    T_F = T_B = T_W (a full backward twice the forward), as fractions of the step."""
+    return {"formula": bubble_formula(name, p, m, v), "simulated": simulated_bubble(name, p, m, v)}

@@ -274,16 +274,18 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
                 dst.copy_(full)
 
 
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(parameters, max_norm: float, *, sum_over: tuple = ()) -> torch.Tensor:
     """Global gradient norm over a mix of DTensor (tensor-parallel) and plain (replicated) parameters, then clip.
 
     Why not torch.nn.utils.clip_grad_norm_: on such a mix (torch 2.13, gloo) it returned 0.047 for a tp=2 model
     whose unsharded twin's norm was 3.29. Here a sharded gradient contributes its local squares summed over its
     mesh (each element counted once), a replicated one (plain, or a Replicate DTensor) its own squares once.
     Works for 2-D (dp, tp) DTensors too (FSDP2 over a tensor-parallel model): each Shard mesh dim is summed over.
+    ``sum_over``: process groups whose ranks hold disjoint parameters (pipeline stages): the squares are summed
+    over each, so every rank clips by the whole model's norm.
     """
     params = [p for p in parameters if p.grad is not None]
-    if not params:
+    if not params and not sum_over:
         return torch.zeros(())
     total = torch.zeros((), dtype=torch.float64)
     for p in params:
@@ -298,9 +300,71 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
             total = total + local.cpu()
         else:
             total = total + g.detach().double().pow(2).sum().cpu()
+    for group in sum_over:  # on the gradients' device: NCCL reduces only GPU tensors
+        device = params[0].grad.device if params else torch.device("cpu")
+        summed = total.to(device)
+        torch.distributed.all_reduce(summed, group=group)
+        total = summed.cpu()
     norm = total.sqrt().float()
     coef = max_norm / (float(norm) + 1e-6)
     if coef < 1:
         for p in params:
             p.grad.mul_(coef)
     return norm
+
+
+# ---------------------------------------------------------------- checkpoints that outlive the layout
+
+
+def _permuted_keys(module: nn.Module, state: dict) -> dict[str, torch.Tensor]:
+    """Checkpoint key -> W_pack row permutation, for every key holding a regrouped W_pack weight: the model's
+    ("model" -> "<fqn>") and its optimizer moments (flattened: "optim" -> "state.<fqn>.exp_avg")."""
+    perms = {f"{name}.weight": m._tp_row_perm for name, m in module.named_modules()
+             if getattr(m, "_tp_row_perm", None) is not None}
+    out = {}
+    if not perms:
+        return out
+    for key in state.get("model", {}):
+        if key in perms:
+            out[("model", key)] = perms[key]
+    for key, value in state.get("optim", {}).items():
+        if key.startswith("state.") and isinstance(value, DTensor):
+            fqn = key[len("state."):].rsplit(".", 1)[0]
+            if fqn in perms:
+                out[("optim", key)] = perms[fqn]
+    return out
+
+
+def _reorder(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t`` (a DTensor) with its global rows reordered by ``rows``, laid out on the same mesh and placements.
+    Gathers the whole tensor once (a W_pack-sized all-gather over tp, at checkpoint time only)."""
+    full = t.full_tensor()[rows.to(t.device)]
+    return distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None)
+
+
+def to_canonical(module: nn.Module, state: dict) -> dict:
+    """An engine's checkpoint state ({"model": ..., "optim": ...}) with every tensor-parallel W_pack (and its AdamW
+    moments) back in the unsharded [q; k; v] row order, still sharded over tp.
+
+    Why: ``apply_tensor_parallel`` regroups W_pack's rows per head so that each tp rank's shard holds its heads'
+    q, k and v; saved as it is, the checkpoint's global W_pack would be that regrouped matrix, readable only by
+    the same tp. In the canonical order, torch.distributed.checkpoint reshards it for any layout (tp=1, another
+    tp, pipeline stages). Collective over tp; no-op without tensor parallelism."""
+    keys = _permuted_keys(module, state)
+    if not keys:
+        return state
+    out = {part: dict(state[part]) for part in state}
+    for (part, key), perm in keys.items():
+        out[part][key] = _reorder(state[part][key], torch.argsort(perm))
+    return out
+
+
+def from_canonical(module: nn.Module, state: dict) -> dict:
+    """Inverse of ``to_canonical``, after a load: W_pack rows regrouped again for this run's tp."""
+    keys = _permuted_keys(module, state)
+    if not keys:
+        return state
+    out = {part: dict(state[part]) for part in state}
+    for (part, key), perm in keys.items():
+        out[part][key] = _reorder(state[part][key], perm)
+    return out

@@ -58,7 +58,7 @@ def test_checkpoint_of_another_world_size_is_refused(tmp_path, checkpoints):
     proc = run_entry([*FAST, f"fault.checkpoint.resume={checkpoints}", f"hydra.run.dir={tmp_path / 'run'}"],
                      torchrun_nproc=2)
     assert proc.returncode != 0
-    assert "written by 1 ranks, this job has 2" in proc.stderr
+    assert "written with 1 data-parallel replicas (1 ranks), this job has 2 (2 ranks)" in proc.stderr
     assert tree_digest(checkpoints) == before
 
 
