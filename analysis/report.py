@@ -9,6 +9,9 @@ one baseline per comparison group (same model, world size and device; ratios acr
 table rows as ratios to that baseline (absolute CPU figures are noisy; ratios measured on one machine are not)
 -> per-technique contributions -> distance to Baichuan-7B's 182 TFLOPS / 58.3% MFU.
 ``log_to_wandb`` then puts the same table and plots in a wandb run that shares the sweep's group.
+An autotune sweep (experiment=autotune) adds an Autotune section (analysis/autotune.py): every trial, infeasible
+ones too, the objective over trials, the importance of each knob, and best.yaml / best_command.txt /
+best_config.yaml beside the trials.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from analysis import autotune as autotune_sweep
 from analysis.flops import CONVENTIONS, DEFAULT_CONVENTION
 from analysis.peaks import BAICHUAN_7B
 
@@ -114,6 +118,9 @@ def discover(path: Path, depth: int = 3) -> list[Path]:
 
 
 def _failure_reason(path: Path) -> str:
+    trial = _yaml(path / autotune_sweep.TRIAL_FILE)  # JSON is YAML
+    if isinstance(trial, dict) and trial.get("status") == "infeasible":
+        return f"autotune: infeasible, never launched ({trial.get('reason')})"
     lines = [ln.strip() for ln in _read_text(path / "train.log").splitlines() if ln.strip()]
     if not lines:
         return "no summary.json and no train.log: the run never started or was killed at once"
@@ -354,9 +361,14 @@ def build_report(runs: list[Run], *, baseline: str | None = None, convention: st
     warnings = [(f"{len(bases)} comparison groups (model · ranks · device): each row is compared only with its "
                 f"group's baseline; ratios across groups mean nothing.")] if len(bases) > 1 else []
     warnings += [f"{r.label}: failed ({r.reason})" for r in runs if not r.ok]
+    sweeps = sorted({r.path.parent for r in runs if autotune_sweep.is_trial(r.path)})  # an autotune sweep's jobs
+    if len(sweeps) > 1:
+        warnings.append(f"{len(sweeps)} autotune sweeps: the Autotune section shows the first, {sweeps[0]}")
+    tuned = autotune_sweep.summarise(sweeps[0]) if sweeps else None
     return {"convention": convention, "rows": [_row(r, bases.get(r.group), convention) for r in runs],
             "baselines": {g: b.label for g, b in bases.items()}, "contributions": contributions(runs, bases),
-            "distance": distance(runs, convention), "warnings": warnings, "wandb_group": wandb_group(runs)}
+            "distance": distance(runs, convention), "warnings": warnings,
+            "wandb_group": wandb_group(runs) or (tuned or {}).get("wandb_group"), "autotune": tuned}
 
 
 # ---------------------------------------------------------------- plots
@@ -423,6 +435,8 @@ def plot(report: dict, runs: list[Run], out: Path) -> dict[str, Path]:
         ax.set(xlabel="step", ylabel="train/loss", title="loss: techniques should not change learning")
         ax.legend(fontsize=7)
         save(fig, "loss")
+    if report.get("autotune"):
+        made.update(autotune_sweep.plot(report["autotune"], out))
     return made
 
 
@@ -509,6 +523,8 @@ def _blocks(report: dict, images: dict[str, Path]) -> list[tuple]:
                         f"validated figure in docs/predictor.md)."))]
     else:
         b += [("p", "No finished run reports an MFU.")]
+    if report.get("autotune"):
+        b += [blk for blk in autotune_sweep.blocks(report["autotune"]) if blk[0] != "img" or blk[1] in images]
     if "loss" in images:
         b += [("h2", "Loss curves"), ("img", "loss")]
     return b
@@ -564,6 +580,9 @@ def log_to_wandb(report: dict, images: dict[str, Path], out: Path, mode: str) ->
         heads, body = table(report)
         run.log({"ablation/table": wandb.Table(columns=heads, data=body),
                  **{f"ablation/{name}": wandb.Image(str(p)) for name, p in images.items()}})
+        if report.get("autotune"):  # every trial of the sweep, infeasible ones included
+            heads, body = autotune_sweep.trials_table(report["autotune"])
+            run.log({"autotune/trials": wandb.Table(columns=heads, data=body)})
         run.finish()
     except Exception as e:  # noqa: BLE001
         print(f"chuanliu report: warning: wandb logging failed ({type(e).__name__}: {e}); files are written",
@@ -579,6 +598,8 @@ def write_report(runs: list[Run], report: dict, out: Path) -> dict[str, Path]:
     (out / "report.md").write_text(to_markdown(blocks))
     (out / "report.html").write_text(to_html(blocks, images))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if report.get("autotune"):  # the sweep's best command line and YAML, beside its trials (not inside a run)
+        autotune_sweep.write_best(report["autotune"])
     return images
 
 

@@ -2,6 +2,7 @@
 
     python -m experiments.train                                   # tiny model, built-in corpus, CPU or GPU
     python -m experiments.train model=small train.steps=100
+    python -m experiments.train -m experiment=autotune             # an Optuna search (experiments/autotune.py)
     torchrun --standalone --nproc_per_node=2 -m experiments.train  # DDP, gloo on CPU / NCCL on GPU
 """
 from __future__ import annotations
