@@ -49,17 +49,64 @@ class MemoryEstimate:
 
 
 def estimate_memory(model_cfg: ModelConfig, *, seq: int, micro_batch: int, kernels: dict[str, str], splitting,
-                    compute_dtype: str, engine_cfg, dp: int, bucket_bytes: int) -> MemoryEstimate:
-    n = total_params(n_layers=model_cfg.n_layers, dim=model_cfg.dim, ffn_dim=model_cfg.ffn_dim,
-                     vocab_size=model_cfg.vocab_size)
-    layer = 4 * model_cfg.dim**2 + 3 * model_cfg.dim * model_cfg.ffn_dim + 2 * model_cfg.dim
+                    compute_dtype: str, engine_cfg, dp: int, bucket_bytes: int, tp: int = 1, pp: int = 1,
+                    sequence_parallel: bool = False, in_flight: float = 1.0) -> MemoryEstimate:
+    """Per rank. tp, pp: the model-parallel degrees (the rank holds 1/tp of each layer's weights and L/pp layers,
+    the embedding on the first stage, norm, head and loss on the last); in_flight: micro-batches whose activations
+    the first stage holds at its peak under the pipeline schedule (``pipeline_in_flight``)."""
+    c, f, V, L = model_cfg.dim, model_cfg.ffn_dim, model_cfg.vocab_size, model_cfg.n_layers
+    layer = 4 * c**2 + 3 * c * f + 2 * c
+    n = total_params(n_layers=L, dim=c, ffn_dim=f, vocab_size=V)
+    if tp > 1 or pp > 1:  # the largest stage: its layers plus the embedding (first) or the head (last)
+        n = (L // pp * layer + (1 if pp > 1 else 2) * V * c) / tp + c
     states = engine_cfg.state_bytes(n, dp=dp, compute_dtype=compute_dtype, unit_params=layer,
                                     bucket_bytes=bucket_bytes)
     acts = activation_estimate(model_cfg, seq=seq, micro_batch=micro_batch, kernels=kernels, splitting=splitting,
                                compute_dtype=compute_dtype, param_bytes=states.param_bytes)
+    if tp > 1 or pp > 1:
+        acts = _model_parallel_activations(acts, n_layers=L, tp=tp, pp=pp, sp=sequence_parallel,
+                                           in_flight=in_flight)
     return MemoryEstimate(states=states.as_dict(), activations=acts, grad_bytes=states.grad_bytes,
                           transient=max(acts["transient"], _backward_working_set(model_cfg, seq * micro_batch,
-                                                                                 splitting, compute_dtype)))
+                                                                                 splitting, compute_dtype) / tp))
+
+
+def _model_parallel_activations(acts: dict[str, float], *, n_layers: int, tp: int, pp: int, sp: bool,
+                                in_flight: float) -> dict[str, float]:
+    """One rank's share of ``activation_estimate``'s parts, as chuanliu's tensor-parallel plan (comm/parallel/
+    tensor.py) lays the tensors out. Without sequence parallelism each layer's two norms save replicated tensors
+    (the residual input, 1/rms, the normalised x that q/k/v and gate/up read) and everything inside attention and
+    the MLP is split by heads or columns: per layer 2 norm + (rest) / t, the split Korthikanti et al. 2022 (Table 2)
+    count as sbh (10 + 24/t). With it the norms are split by sequence too, but DTensor's colwise linears save the
+    all-gathered input they multiply (Megatron re-gathers it in backward instead), about half a norm's bytes each:
+    per layer layer / t + 2 x norm/2 x (1 - 1/t). A pipeline stage holds L/pp layers for each micro-batch in flight;
+    the first stage (embedding, in_flight micro-batches) or the last (final norm and loss, one) is the larger."""
+    norm = acts["final_norm"]  # one RMSNorm's saved bytes, as each layer's two norms save
+    per_layer = acts["layers"] / n_layers
+    if sp:
+        per_layer_rank = per_layer / tp + norm * (1 - 1 / tp)
+    else:
+        per_layer_rank = 2 * norm + (per_layer - 2 * norm) / tp
+    layers = (n_layers * per_layer_rank + acts["autocast_weights"] / tp) / pp
+    first = in_flight * (layers + acts["embedding"])
+    last = layers + (acts["final_norm"] + acts["loss"]) / (tp if sp else 1)
+    out = dict(acts, layers=layers * (in_flight if first >= last else 1), autocast_weights=0.0,
+               embedding=acts["embedding"] * in_flight if first >= last else 0.0,
+               final_norm=0.0 if first >= last else acts["final_norm"],
+               loss=0.0 if first >= last else acts["loss"], transient=acts["transient"] / tp)
+    out["total"] = max(first, last)
+    return out
+
+
+def pipeline_in_flight(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """Micro-batches' worth of a rank's layers whose activations the busiest pipeline rank holds at once, read off
+    torch's own schedule (comm.parallel.pipeline.peak_in_flight): GPipe m, 1F1B pp, Interleaved1F1B
+    pp(1 + (pp-1)/(pp v)) as Korthikanti et al. 2022 give it."""
+    if pp <= 1:
+        return 1.0
+    from comm.parallel.pipeline import peak_in_flight
+
+    return peak_in_flight(schedule, pp, microbatches, virtual_stages)
 
 
 def _backward_working_set(cfg: ModelConfig, tokens: int, splitting, compute_dtype: str) -> float:

@@ -43,7 +43,7 @@ from comm.slowlink import LinkConfig, SlowLink
 from comm.topology import TopologyConfig, build_groups, discover_topology
 from experiments.config import ConfigError, plain, typed
 from experiments.dist import DistInfo, dist_info
-from experiments.memory import MemoryEstimate, check_fits, estimate_memory
+from experiments.memory import MemoryEstimate, check_fits, estimate_memory, pipeline_in_flight
 from fault.chaos import Chaos, ChaosConfig
 from fault.checkpoint import CheckpointConfig, CheckpointManager, Loaded, rng_state, set_rng_state
 from fault.events import EventLog, restart_count
@@ -350,7 +350,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     run = Run(train=s.train, info=info, device=device, precision=s.precision, engine=engine,
               next_batch=lambda: loader.next_batch().to(device, non_blocking=True), metrics=metrics,
               environment=environment, run_dir=run_dir, sync=sync, peak_memory=peak_memory_fn(device),
-              meter=SavedTensorMeter(engine.module.parameters()),
+              meter=SavedTensorMeter(engine.module.parameters(), live=layout.pp > 1),
               show_progress=info.is_main and s.logging.progress_bar, loader=loader, events=fault.events,
               checkpoint=fault.checkpoint, chaos=fault.chaos, watchdog=fault.watchdog, compute_timer=compute_timer)
     start(run, s)
@@ -359,11 +359,17 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
 
 def check_memory(s: Settings, device: torch.device, layout: Layout) -> MemoryEstimate:
     """Refuse what cannot fit before allocating anything (the kernels are resolved as apply_fusion will)."""
+    rows = s.train.micro_batch_size  # per forward; under a pipeline, the schedule's microbatch
+    if layout.pp > 1:
+        rows = s.train.micro_batch_size * s.train.grad_accum_steps // layout.pp_microbatches
     memory = estimate_memory(
-        s.model, seq=s.train.seq_len, micro_batch=s.train.micro_batch_size, splitting=s.splitting,
+        s.model, seq=s.train.seq_len, micro_batch=rows, splitting=s.splitting,
         kernels=resolve(s.fusion, device.type, s.precision.compute_dtype, s.splitting.refused_kernels()),
         compute_dtype=s.precision.compute_dtype, engine_cfg=s.engine, dp=layout.dp_size,
-        bucket_bytes=int(s.bucket.bucket_cap_mb * 2**20))
+        bucket_bytes=int(s.bucket.bucket_cap_mb * 2**20), tp=layout.tp, pp=layout.pp,
+        sequence_parallel=s.parallel.sequence_parallel and layout.tp > 1,
+        in_flight=pipeline_in_flight(s.parallel.pp_schedule, layout.pp, layout.pp_microbatches,
+                                     s.parallel.pp_virtual_stages))
     check_fits(memory, s.model, device)
     return memory
 

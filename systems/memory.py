@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import weakref
 from typing import Callable
 
 import torch
@@ -38,11 +39,19 @@ class SavedTensorMeter:
     latest. Transient buffers freed before backward (a chunk's logits) are not counted: they are never saved.
     """
 
-    def __init__(self, params):
+    def __init__(self, params, *, live: bool = False):
+        """live: count what is alive, not what was saved: a saved tensor's bytes are released when autograd drops it
+        (its backward ran), and ``last_bytes`` is the context's high-water mark. For a context that spans forwards
+        and backwards of several micro-batches (a pipeline schedule's step), that is the activations really held
+        at once (1F1B keeps at most pp micro-batches in flight, GPipe all of them); within one forward both
+        modes agree."""
         # Sharded engines (FSDP2) hold DTensor parameters: their local shard is the storage.
         self._param_storages = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in params}
         self.last_bytes = 0
         self.peak_bytes = 0
+        self.live = live
+        self._alive: dict[int, list[int]] = {}  # storage key -> [bytes, saved tensors still holding it]
+        self._alive_bytes = self._high = 0
 
     def reset_peak(self) -> None:
         self.peak_bytes = 0
@@ -52,24 +61,50 @@ class SavedTensorMeter:
         # buffers other than the shards the meter was given.
         if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
             return t
+        local = getattr(t, "_local_tensor", None)  # a DTensor (tensor/sequence parallel): this rank's shard
+        if local is not None:
+            t_bytes = local
+        else:
+            t_bytes = t
         try:
-            storage = t.untyped_storage()
+            storage = t_bytes.untyped_storage()
             key, nbytes = storage.data_ptr(), storage.nbytes()
         except (RuntimeError, NotImplementedError):  # tensor subclasses (fp8) without a plain storage
-            key, nbytes = id(t), t.numel() * t.element_size()
+            key, nbytes = id(t_bytes), t_bytes.numel() * t_bytes.element_size()
         if key not in self._param_storages:
             self._seen[key] = nbytes
+            if self.live:
+                self._hold(t, key, nbytes)
         return t
+
+    def _hold(self, t: torch.Tensor, key: int, nbytes: int) -> None:
+        entry = self._alive.get(key)
+        if entry is None:
+            self._alive[key] = [nbytes, 1]
+            self._alive_bytes += nbytes
+            self._high = max(self._high, self._alive_bytes)
+        else:
+            entry[1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self._alive.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._alive_bytes -= entry[0]
+                del self._alive[key]
 
     def __enter__(self) -> "SavedTensorMeter":
         self._seen: dict[int, int] = {}
+        self._high = self._alive_bytes
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
-        self.last_bytes = sum(self._seen.values())
+        self.last_bytes = self._high if self.live else sum(self._seen.values())
         self.peak_bytes = max(self.peak_bytes, self.last_bytes)
         self._seen = {}
 

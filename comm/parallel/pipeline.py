@@ -728,3 +728,22 @@ def bubble_summary(name: str, p: int, m: int, v: int) -> dict[str, float]:
     """The schedule's bubble, two references: the papers' formula and torch's action lists simulated, both at
     T_F = T_B = T_W (a full backward twice the forward), as fractions of the step."""
     return {"formula": bubble_formula(name, p, m, v), "simulated": simulated_bubble(name, p, m, v)}
+
+
+def peak_in_flight(name: str, p: int, m: int, v: int = 1) -> float:
+    """Micro-batches' worth of a rank's layers whose activations the busiest rank holds at once, read off torch's
+    own action lists: a chunk's forward of a micro-batch adds 1/v, its full backward (B) or weight-gradient pass
+    (W, after which nothing of it is kept) releases it. GPipe: m; 1F1B: p; Interleaved1F1B, ZB-V, DualPipeV: as
+    torch orders them (their papers' p(1 + (p-1)/(pv)), p, p+1 are what torch's lists give at m >= 2p)."""
+    if p <= 1:
+        return 1.0
+    peak = 0.0
+    for actions in schedule_actions(name, p, v, m).values():
+        alive: set[tuple[int, int]] = set()
+        for kind, stage, mb, *_ in actions:  # DualPipeV marks an overlapped F&B pair's forward with a 4th item
+            if kind == "F":
+                alive.add((stage, mb))
+            elif kind in ("B", "W"):
+                alive.discard((stage, mb))
+            peak = max(peak, len(alive) / v)
+    return peak

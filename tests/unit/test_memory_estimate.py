@@ -79,3 +79,17 @@ def test_full_recomputation_keeps_korthikantis_2sbh_per_layer():
     none = estimate_memory(BAICHUAN, splitting=SplittingConfig(), **kw).activations
     assert full["layers"] == 32 * 2 * 4096 * 4 * 4096
     assert none["layers"] / full["layers"] > 10
+
+
+@pytest.mark.parametrize("p, m", [(2, 4), (2, 8), (4, 8), (4, 16)])
+def test_pipeline_in_flight_read_off_torch_schedules_matches_the_papers(p, m):
+    """Peak micro-batches in flight, from torch's own action lists, against the published figures: GPipe holds
+    all m (Huang et al. 2019), 1F1B p (Narayanan et al. 2021), interleaved p(1 + (p-1)/(pv)) (Korthikanti et al.
+    2022, §4.2.3), ZB-V 1F1B's p (Qi et al. 2024)."""
+    from experiments.memory import pipeline_in_flight
+
+    assert pipeline_in_flight("GPipe", p, m) == m
+    assert pipeline_in_flight("1F1B", p, m) == p
+    assert pipeline_in_flight("Interleaved1F1B", p, m, 2) == pytest.approx(p * (1 + (p - 1) / (p * 2)))
+    assert pipeline_in_flight("ZBVZeroBubble", p, m, 2) == p
+    assert pipeline_in_flight("1F1B", 1, m) == 1
