@@ -60,7 +60,8 @@ class DashboardError(Exception):
 
 def known_keys() -> set[str]:
     """Every key a panel may name: what runs, the report and drills really log (history and summary)."""
-    return {*step_keys(pipeline=True), *summary_keys(pipeline=True), REPORT_TABLE, *REPORT_IMAGES, DRILL_TABLE, *DRILL_SUMMARY}
+    return {*step_keys(pipeline=True, tensor_parallel=True), *summary_keys(pipeline=True, tensor_parallel=True),
+            REPORT_TABLE, *REPORT_IMAGES, DRILL_TABLE, *DRILL_SUMMARY}
 
 
 # ---------------------------------------------------------------- sections and panels
@@ -127,12 +128,16 @@ def sections() -> list[tuple[str, list]]:
                 to the last reduction finishing: the part overlap did not hide. The bucket size is the
                 `comm/bucket` policy's choice."""),
         ]),
-        ("Pipeline", [
+        ("Model parallelism", [
+            _line("tensor-parallel communication per step: its span and the exposed part, s",
+                  ["tp/comm_s", "tp/exposed_s"]),
+            _line("tensor-parallel collectives per step and their bytes", ["tp/collectives", "tp/comm_bytes"]),
             _line("pipeline bubble per step: measured and what the schedule should reach",
                   ["pp/bubble", "pp/bubble_simulated", "pp/bubble_formula"]),
             _line("pipeline: step and p2p wait, s", ["pp/step_s", "pp/p2p_wait_s"]),
             _note("""
-                Logged by runs with `parallel.pp>1`. Measured = idle / step per pipeline rank, averaged (idle = the
+                tp/ keys: runs with `parallel.tp>1` (DTensor's collectives, timed from launch to wait: on a CPU
+                nearly all exposed). pp/ keys: runs with `parallel.pp>1`. Measured = idle / step per pipeline rank, averaged (idle = the
                 step minus the rank's own stage compute). Simulated = torch's action lists for the schedule
                 list-scheduled at equal forward, input- and weight-gradient times; formula = the schedule's paper
                 form (comm/parallel/pipeline.py)."""),

@@ -47,24 +47,36 @@ PIPELINE_KEYS: dict[str, str] = {
                            "schedule should reach (constant per run)",
     "pp/bubble_formula": "the schedule's paper formula at T_F=T_B=T_W (constant per run)",
 }
-MEDIAN_PREFIXES = ("mem/", "comm/", "precision/", "pp/")  # extra keys summary.json holds steady-state medians of
+# Logged every step only under tensor parallelism (parallel.tp > 1; comm/parallel/tensor.py TPCommMeter).
+TENSOR_PARALLEL_KEYS: dict[str, str] = {
+    "tp/collectives": "tensor-parallel collectives launched in the step's forward and backward",
+    "tp/comm_bytes": "bytes those collectives carried in, this rank",
+    "tp/comm_s": "seconds from each tp collective's launch to the end of its wait, summed",
+    "tp/exposed_s": "seconds the host was blocked in tp collectives (launch + wait): not hidden by compute",
+}
+MEDIAN_PREFIXES = ("mem/", "comm/", "precision/", "pp/", "tp/")  # extra keys summary.json holds steady-state medians of
 
 
-def step_keys(conventions: tuple[str, ...] = CONVENTIONS, *, pipeline: bool = False) -> list[str]:
+def step_keys(conventions: tuple[str, ...] = CONVENTIONS, *, pipeline: bool = False,
+              tensor_parallel: bool = False) -> list[str]:
     """Every key one training step logs (a metrics.jsonl row besides step and time; the wandb history);
-    ``pipeline``: a run with parallel.pp > 1, which adds PIPELINE_KEYS."""
+    ``pipeline``: a run with parallel.pp > 1, which adds PIPELINE_KEYS; ``tensor_parallel``: parallel.tp > 1,
+    TENSOR_PARALLEL_KEYS."""
     keys = ["train/loss", "train/lr", "train/grad_norm", "perf/step_s", "perf/tokens_per_s",
             "perf/tokens_per_s_per_device"]
     keys += [f"perf/{k}/{c}" for c in conventions for k in ("tflops", "mfu")]
-    return keys + ["mem/peak_bytes", *EXTRA_KEYS, *(PIPELINE_KEYS if pipeline else ())]
+    return keys + ["mem/peak_bytes", *EXTRA_KEYS, *(PIPELINE_KEYS if pipeline else ()),
+                   *(TENSOR_PARALLEL_KEYS if tensor_parallel else ())]
 
 
-def summary_keys(conventions: tuple[str, ...] = CONVENTIONS, *, pipeline: bool = False) -> list[str]:
+def summary_keys(conventions: tuple[str, ...] = CONVENTIONS, *, pipeline: bool = False,
+                 tensor_parallel: bool = False) -> list[str]:
     """summary.json's figures as the wandb sink stores them in the run summary (nested keys joined by dots): the
     steady-state medians, the peak memory over the run and the comparison with Baichuan-7B."""
     from analysis.sinks import _flatten  # the wandb sink's own flattening
 
-    medians = [k for k in step_keys(conventions, pipeline=pipeline) if k.startswith(("perf/", *MEDIAN_PREFIXES))]
+    medians = [k for k in step_keys(conventions, pipeline=pipeline, tensor_parallel=tensor_parallel)
+               if k.startswith(("perf/", *MEDIAN_PREFIXES))]
     vs = _flatten(compare_to_baichuan({}, {}), "vs_baichuan_7b.")
     return [f"median.{k}" for k in medians] + ["mem/peak_bytes", "loss.first", "loss.last", *vs]
 

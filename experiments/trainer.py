@@ -38,6 +38,7 @@ from comm.engines.engine import Engine, EngineInputs, replica_digests
 from comm.hierarchical import flat_all_reduce
 from comm.hooks import AlgorithmConfig, OverlapConfig, build_comm_hook, synchronizer
 from comm.parallel import ParallelConfig, apply_tensor_parallel, build_mesh
+from comm.parallel.tensor import NoCommMeter, TPCommMeter
 from comm.parallel.tensor import clip_grad_norm_ as tp_clip_grad_norm_
 from comm.slowlink import LinkConfig, SlowLink
 from comm.topology import TopologyConfig, build_groups, discover_topology
@@ -108,6 +109,7 @@ class Run:
     chaos: Chaos
     watchdog: Watchdog
     compute_timer: ComputeTimer  # forward compute, without the engine's parameter gathers (stragglers)
+    tp_comm: Any  # tensor parallelism's collectives timed per step (comm.parallel.tensor.TPCommMeter) or a no-op
     start_step: int = 0  # the step of the checkpoint resumed from (0: a fresh start)
     resumed_from: str | None = None
     step: int = 0  # the step in progress (for events)
@@ -352,7 +354,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
               environment=environment, run_dir=run_dir, sync=sync, peak_memory=peak_memory_fn(device),
               meter=SavedTensorMeter(engine.module.parameters(), live=layout.pp > 1),
               show_progress=info.is_main and s.logging.progress_bar, loader=loader, events=fault.events,
-              checkpoint=fault.checkpoint, chaos=fault.chaos, watchdog=fault.watchdog, compute_timer=compute_timer)
+              checkpoint=fault.checkpoint, chaos=fault.chaos, watchdog=fault.watchdog, compute_timer=compute_timer,
+              tp_comm=TPCommMeter() if layout.tp > 1 else NoCommMeter())
     start(run, s)
     return run
 
@@ -559,7 +562,8 @@ def train_loop(run: Run) -> dict[str, Any]:
         run.watchdog.beat(step, "forward_backward")
         t0 = time.perf_counter()
         run.meter.reset_peak()
-        loss = run.engine.forward_backward(micro_batches(run), run.train.grad_accum_steps, forward_context)
+        with run.tp_comm:
+            loss = run.engine.forward_backward(micro_batches(run), run.train.grad_accum_steps, forward_context)
         check_losses(step, run.engine.rank_losses, run.events, rank=run.info.rank)  # before NaN reaches weights
         run.watchdog.beat(step, "optimizer")
         stats = run.engine.step()
@@ -574,7 +578,8 @@ def train_loop(run: Run) -> dict[str, Any]:
                                 "precision/loss_scale": stats["loss_scale"],
                                 "precision/skipped_steps": stats["skipped_steps"],
                                 "fault/forward_s": forward_s, "fault/ckpt_block_s": block_s,
-                                **{k: v for k, v in stats.items() if k.startswith(("comm/", "pp/"))}})
+                                **{k: v for k, v in stats.items() if k.startswith(("comm/", "pp/"))},
+                                **run.tp_comm.take()})
         run.watchdog.beat(step, "done", forward_s)
         if step == run.start_step + 1 and run.info.is_main:
             run.events.emit("step_done", step=step)  # the first step of this process: recovery is complete

@@ -368,3 +368,92 @@ def from_canonical(module: nn.Module, state: dict) -> dict:
     for (part, key), perm in keys.items():
         out[part][key] = _reorder(state[part][key], perm)
     return out
+
+
+# ---------------------------------------------------------------- tensor-parallel communication, measured
+
+
+class TPCommMeter:
+    """Times tensor parallelism's collectives inside a step's forward and backward (``with meter:``, then
+    ``take()``): DTensor's redistributions run torch's functional collectives (all-reduce for row-parallel
+    outputs, all-gather / reduce-scatter under sequence parallelism), each launched by one ``_c10d_functional``
+    op and finished by a ``wait_tensor`` when its result is used.
+
+        tp/collectives   collectives launched this step (forward and backward)
+        tp/comm_bytes    bytes they carried in (each input's size on this rank)
+        tp/comm_s        from each launch to the end of its wait, summed: the communication's own span
+        tp/exposed_s     the host blocked in launches and waits: what compute did not hide. Tensor parallelism's
+                         collectives sit between dependent matmuls, so nearly all of it is exposed unless a
+                         schedule overlaps it (Megatron's tp-comm-overlap, async-TP), which chuanliu does not yet
+
+    Launches are seen by a TorchDispatchMode (thread-local: CPU backward runs on the calling thread; on a GPU the
+    host times say when the host blocked, not when the kernel ran), waits by wrapping torch's Python
+    ``wait_tensor`` while the meter is entered. Costs a Python call per op: enabled only with tp > 1."""
+
+    def __init__(self):
+        self._stats = self._zero()
+
+    @staticmethod
+    def _zero() -> dict[str, float]:
+        return {"tp/collectives": 0, "tp/comm_bytes": 0, "tp/comm_s": 0.0, "tp/exposed_s": 0.0}
+
+    def __enter__(self) -> "TPCommMeter":
+        import time
+
+        import torch.distributed._functional_collectives as funcol
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        stats, launched = self._stats, {}
+
+        class _Launches(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace != "_c10d_functional" or func.__name__.startswith("wait_tensor"):
+                    return func(*args, **(kwargs or {}))
+                t0 = time.perf_counter()
+                out = func(*args, **(kwargs or {}))
+                stats["tp/exposed_s"] += time.perf_counter() - t0
+                stats["tp/collectives"] += 1
+                stats["tp/comm_bytes"] += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+                if isinstance(out, torch.Tensor):
+                    launched[id(out)] = t0
+                return out
+
+        original = funcol.wait_tensor
+
+        def wait_tensor(t):
+            t0 = time.perf_counter()
+            out = original(t)
+            t1 = time.perf_counter()
+            stats["tp/exposed_s"] += t1 - t0
+            stats["tp/comm_s"] += t1 - launched.pop(id(t), t0)
+            return out
+
+        funcol.wait_tensor = wait_tensor
+        self._restore = lambda: setattr(funcol, "wait_tensor", original)
+        self._launched = launched
+        self._mode = _Launches()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        self._restore()
+        self._launched.clear()
+
+    def take(self) -> dict[str, float]:
+        """This step's figures (since the last take), then reset."""
+        out, self._stats = self._stats, self._zero()
+        return out
+
+
+class NoCommMeter:
+    """Without tensor parallelism: nothing to time, nothing logged."""
+
+    def __enter__(self) -> "NoCommMeter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def take(self) -> dict[str, float]:
+        return {}

@@ -13,7 +13,7 @@ import pytest
 
 from analysis import dashboard
 from analysis.flops import CONVENTIONS
-from analysis.metrics import PIPELINE_KEYS, step_keys, summary_keys
+from analysis.metrics import PIPELINE_KEYS, TENSOR_PARALLEL_KEYS, step_keys, summary_keys
 from analysis.sinks import _flatten
 from tests.helpers import read_jsonl, run_entry
 
@@ -107,7 +107,7 @@ def test_every_panel_reads_a_key_that_is_logged(sweep, logged):
     everything = set().union(*(v for k, v in logged.items() if k != "drill_columns"))
     # The pipeline keys are logged only under parallel.pp > 1: tests/integration/test_parallel.py holds a real
     # pipeline run's rows against step_keys(pipeline=True).
-    everything |= set(PIPELINE_KEYS)
+    everything |= set(PIPELINE_KEYS) | set(TENSOR_PARALLEL_KEYS)
     panels = dashboard.all_keys(dash)
     assert len(panels) > 40  # workspace sections, runs table and the report's panel grids
     for where, keys in panels.items():

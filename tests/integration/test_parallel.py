@@ -86,7 +86,10 @@ def test_pp2_and_tp2_x_pp2_train_like_one_process(tmp_path):
     assert 0.7 < measured / estimate < 1.6
     for row in read_jsonl(tmp_path / "tppp" / "metrics.jsonl"):  # the documented keys, the pipeline's included
         # comm/ keys come from a DDP comm hook only (analysis/metrics.py), which a pipeline does not use
-        assert row.keys() - {"step", "time"} == {k for k in step_keys(pipeline=True) if not k.startswith("comm/")}
+        assert row.keys() - {"step", "time"} == {k for k in step_keys(pipeline=True, tensor_parallel=True)
+                                                  if not k.startswith("comm/")}
+        # tp=2 without SP: each layer's o_proj and down_proj all-reduce forward, their inputs' gradients backward
+        assert row["tp/collectives"] >= 4 * 2 and row["tp/comm_bytes"] > 0 and row["tp/exposed_s"] > 0
         assert 0 < row["pp/bubble"] < 1 and row["pp/bubble_simulated"] == pytest.approx(1 / 5)  # (p-1)/(m+p-1)
 
 
