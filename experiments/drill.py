@@ -149,13 +149,15 @@ def main(argv: list[str]) -> int:
     report = drill_report(faulty, reference_dir=reference, wall_s=jobs["faulty"]["wall_s"],
                           exit_code=jobs["faulty"]["exit_code"], hang_timeout_s=hang_timeout)
     report.update(chaos=chaos, drill=asdict(cfg), overrides=overrides, jobs=jobs)
+    if chaos != "none":  # a hook that never fires (a block the model no longer calls) must not pass for a drill
+        report["goals"]["a fault was injected"] = bool(report["faults"])
     if "reference" in jobs:
         report["reference_wall_s"] = jobs["reference"]["wall_s"]
     (drill_dir / "drill_report.json").write_text(json.dumps(report, indent=2, default=str))
     print(format_report(report))
     print(f"report: {drill_dir / 'drill_report.json'}")
     log_to_wandb(report, drill_dir, cfg.wandb_mode, chaos)
-    return 0 if report["completed"] else 1
+    return 0 if report["completed"] and report["goals"].get("a fault was injected", True) else 1
 
 
 if __name__ == "__main__":

@@ -4,15 +4,21 @@ Kinds (``conf/fault/chaos/<kind>.yaml`` each schedule one; ``mtbf`` draws severa
     kill                SIGKILL the rank at the start of a step (a crashed host or OOM-killed process)
     hang                the rank stops making progress, found by the watchdog; ``where`` places it:
                           step_start  between steps, before the step's first collective
-                          forward     inside the forward pass (a pre-hook on the middle block of the model)
+                          forward     inside the forward pass (a pre-hook on the middle block this rank holds:
+                                      under a pipeline, the middle one of its stage's layers)
                           allreduce   inside backward where gradient reductions are issued (at the embedding's
-                                      gradient, the last one): the peers wait inside the gradient all-reduce
+                                      gradient, the last one): the peers wait inside the gradient all-reduce; on a
+                                      pipeline stage without the embedding, at its input's gradient (the last
+                                      one it computes): its tp peers wait in their all-reduce, the stage before
+                                      it in its p2p receive
                           optimizer   inside the optimizer step (a global optimizer step pre-hook)
                           sigstop     SIGSTOP of the whole process at a random moment of the step: frozen in
                                       whatever it was doing (compute, a collective, I/O), threads and all
                           random      one of the above, drawn from the chaos seed
-    slow                the rank's forward runs ``slow_factor`` times slower (a throttled GPU): a straggler
-    nan_loss            the rank's loss becomes NaN (a bad batch or an overflow)
+    slow                the rank's forward runs ``slow_factor`` times slower (a throttled GPU): a straggler; under
+                        tensor or pipeline parallelism each block it holds, forward and backward (Slow.attach)
+    nan_loss            the output of the rank's last block becomes NaN (an overflow), so its loss does; on a
+                        pipeline stage before the last it reaches the loss through the later stages
     exception           the rank raises (a software bug)
     corrupt_checkpoint  flip bytes in the newest committed checkpoint, then kill the rank: the restart must
                         fall back to the previous checkpoint
@@ -50,6 +56,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fault.events import EventLog, read_events
 from fault.progress import run_queue_s
+from fault.watchdog import model_parallel
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +150,8 @@ class Chaos:
         # (id, fault) pairs still to fire on this rank; the id is the position in the shared schedule
         self.pending = [(i, f) for i, f in enumerate(self.schedule) if f.rank == rank and i not in fired]
         self._slow: tuple[int, FaultSpec] | None = None
+        self._slow_in_blocks = False  # model parallelism: Slow's block hooks stretch the compute, not forward()
+        self._burnt = 0.0  # CPU seconds those hooks burnt so far
         self._slow_io: tuple[int, FaultSpec, int] | None = None  # fault, saves throttled so far
         self._armed: tuple[int, FaultSpec] | None = None  # a hang waiting for its place in this step
         self._nan_step: int | None = None
@@ -211,7 +220,7 @@ class Chaos:
             _, f = self._slow
             if f.slow_steps and self._step >= f.step + f.slow_steps:
                 self._slow = None
-            else:
+            elif not self._slow_in_blocks:
                 time.sleep((f.slow_factor - 1) * max(0.0, self._last_forward_s - (run_queue_s() - queued0)))
 
     def io_throttle(self, step: int) -> Callable[[int, Callable[[], None]], None] | None:
@@ -292,20 +301,15 @@ class Hang(FaultKind):
 
     @staticmethod
     def attach(chaos: Chaos, model: nn.Module, faults: list[FaultSpec]) -> None:
-        """A pre-hook on the middle block (forward), a gradient hook on the embedding's output (allreduce), a
-        global optimizer step pre-hook (optimizer)."""
+        """A pre-hook on the middle block this rank holds (forward), a gradient hook on the last gradient this
+        rank's backward computes (allreduce), a global optimizer step pre-hook (optimizer)."""
         places = {f.where for f in faults}
+        held = blocks(model)
         if "forward" in places:
-            blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
-            target = blocks[len(blocks) // 2] if blocks else model
+            target = held[len(held) // 2] if held else model
             target.register_forward_pre_hook(lambda m, args: chaos._strike("forward"))
         if "allreduce" in places:
-            embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), model)
-
-            def on_output(m, args, out):
-                if isinstance(out, torch.Tensor) and out.requires_grad:
-                    out.register_hook(lambda grad: chaos._strike("allreduce"))
-            embedding.register_forward_hook(on_output)
+            _on_last_gradient(model, held, lambda: chaos._strike("allreduce"))
         if "optimizer" in places:
             register_optimizer_step_pre_hook(lambda opt, args, kwargs: chaos._strike("optimizer"))
 
@@ -329,6 +333,22 @@ class Slow(FaultKind):
     kind = "slow"
 
     @staticmethod
+    def attach(chaos: Chaos, model: nn.Module, faults: list[FaultSpec]) -> None:
+        """Under tensor or pipeline parallelism the slowdown is inside each block this rank holds, forward and
+        backward, where a slow device is slow: its tp peers then wait in the layer's all-reduce and its pipeline
+        peers in their p2p receives, as they would for a throttled GPU (a sleep after the whole step, as
+        ``Chaos.forward`` does without model parallelism, would fall after the schedule, where no one waits for it
+        inside their own compute). The block runs ``slow_factor`` times its own CPU time, burnt (not slept): the
+        straggler timer counts CPU time there (``ComputeTimer``)."""
+        held = blocks(model)
+        if not (model_parallel(model) and held):
+            return
+        chaos._slow_in_blocks = True
+        for block in held:
+            block.register_forward_pre_hook(lambda m, args: _slow_forward_begins(chaos, m, args))
+            block.register_forward_hook(lambda m, args, out: _slow_forward_ends(chaos, m, out))
+
+    @staticmethod
     def strike(chaos: Chaos, fault_id: int, f: FaultSpec, step: int) -> None:
         chaos._record(fault_id, f, step)
         chaos._slow = (fault_id, f)  # Chaos.forward stretches each forward from now on
@@ -339,7 +359,11 @@ class NanLoss(FaultKind):
 
     @staticmethod
     def attach(chaos: Chaos, model: nn.Module, faults: list[FaultSpec]) -> None:
-        model.register_forward_hook(lambda m, args, out: out * float("nan") if chaos._nan_step else out)
+        # The last block this rank holds: under a pipeline the stage-pruned model is never called as a whole (the
+        # schedule runs its chunks), and a NaN born in a middle stage must travel to the loss as a real one does.
+        held = blocks(model)
+        target = held[-1] if held else model
+        target.register_forward_hook(lambda m, args, out: out * float("nan") if chaos._nan_step else out)
 
     @staticmethod
     def strike(chaos: Chaos, fault_id: int, f: FaultSpec, step: int) -> None:
@@ -380,6 +404,69 @@ class SlowIo(FaultKind):
 
 
 STEP_START_KINDS = tuple(k for k, cls in KINDS.items() if cls.at == "step_start")
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks this rank holds, in forward order: the largest ModuleList or ModuleDict of the model.
+    A pipeline stage keeps its layers in a ModuleDict keyed by their original index (comm/parallel/pipeline.py,
+    ``stage_module``) and holds any subset of them (two non-adjacent ones under a V schedule); [] when none."""
+    containers = [m for m in model.modules() if isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+    largest = max(containers, key=len, default=None)
+    if not largest:
+        return []
+    return list(largest.values() if isinstance(largest, nn.ModuleDict) else largest)
+
+
+def _on_last_gradient(model: nn.Module, held: list[nn.Module], hook: Callable[[], None]) -> None:
+    """Call ``hook`` when this rank's backward computes its last gradient: the embedding output's on the rank that
+    holds the embedding; on a later pipeline stage, its input activation's (the gradient it sends back)."""
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+    def on_tensor(t) -> None:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.register_hook(lambda grad: hook())
+    if embedding is not None:
+        embedding.register_forward_hook(lambda m, args, out: on_tensor(out))
+    elif held:
+        held[0].register_forward_pre_hook(lambda m, args: on_tensor(args[0] if args else None))
+
+
+def _mark(chaos: Chaos) -> tuple[float, float]:
+    return time.thread_time(), chaos._burnt
+
+
+def _stretch(chaos: Chaos, since: tuple[float, float]) -> None:
+    """Burn this thread's CPU for (slow_factor - 1) x the CPU time since ``since`` (a ``_mark``), leaving out what
+    was burnt in between (another block's backward stretch can fall inside this block's span)."""
+    if chaos._slow is None:
+        return
+    t0, burnt0 = since
+    now = time.thread_time()
+    own = max(0.0, now - t0 - (chaos._burnt - burnt0))
+    end = now + (chaos._slow[1].slow_factor - 1) * own
+    while time.thread_time() < end:
+        pass
+    chaos._burnt += time.thread_time() - now
+
+
+def _slow_forward_begins(chaos: Chaos, block: nn.Module, args: tuple) -> None:
+    if chaos._slow is None:
+        return
+    state = {"forward": _mark(chaos)}
+    block._chaos_slow = state
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.requires_grad:  # its gradient ends this block's backward
+        x.register_hook(lambda grad: _stretch(chaos, state["backward"]) if "backward" in state else None)
+
+
+def _slow_forward_ends(chaos: Chaos, block: nn.Module, out) -> None:
+    state = getattr(block, "_chaos_slow", None)
+    if chaos._slow is None or state is None:
+        return
+    block._chaos_slow = None
+    _stretch(chaos, state["forward"])
+    if isinstance(out, torch.Tensor) and out.requires_grad:  # its gradient starts this block's backward
+        out.register_hook(lambda grad: state.__setitem__("backward", _mark(chaos)))
 
 
 def _hang_forever() -> None:

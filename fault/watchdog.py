@@ -25,7 +25,11 @@ runs need the run directory on a shared file system, as their checkpoints do.
   ``straggler_factor`` times the median of the others in ``straggler_windows`` consecutive windows is reported with
   its identity and how much slower (a persistent slowdown, as NVIDIA's resiliency extension scores ranks; one
   window of noise on a loaded host is not a straggler). A whole step is not a measure: synchronous data parallelism
-  makes every rank wait for the slowest.
+  makes every rank wait for the slowest. Under tensor or pipeline parallelism the forward span itself holds waits
+  for peers (a layer's all-reduce, the schedule's p2p receives), so on a CPU device it is the thread's CPU time,
+  and a rank is compared with the ranks at its own pipeline position (stages do different work).
+  (For a hang's blame, a rank blocked in a pipeline schedule's p2p wait or in a barrier, which the flight recorder
+  does not keep on gloo, waits for its pipeline peers or for the group members behind it: ``_pipeline_waits``.)
 - **Non-finite loss**: ``check_losses`` looks at every rank's local loss (gathered by the engine) before the
   optimizer step, logs which ranks went NaN/Inf, and raises NonFiniteLoss, so the job restarts from the newest
   checkpoint instead of stepping poisoned gradients into the weights.
@@ -123,6 +127,7 @@ class ComputeTimer:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.cpu_time = False  # count this thread's CPU time (model parallelism on a CPU device: see below)
         self._active = False
         self._spans: list = []  # (start, end) CUDA event pairs of forwards and of excluded waits, with a sign
         self._host_s = 0.0
@@ -130,7 +135,17 @@ class ComputeTimer:
         self.hooked_modules = 0
 
     def exclude_engine_hooks(self, module: torch.nn.Module) -> None:
-        """Call once the engine is built and before anything else adds forward pre-hooks (chaos, meters)."""
+        """Call once the engine is built and before anything else adds forward pre-hooks (chaos, meters).
+
+        Under tensor or pipeline parallelism the timed span holds waits for peers that no hook brackets: a tp
+        peer's all-reduce inside every layer, and under a pipeline the whole schedule (forward and backward of
+        every micro-batch, the p2p receives, the barrier it starts from). A healthy rank next to a slow one waits
+        there, and in wall time every rank looks as slow as the culprit (measured on tp=2 x pp=2 x dp=2, one rank's
+        blocks 3x slower: every rank's windows within 0.85-1.22 s, no straggler found). On a CPU device such a rank
+        counts its own thread's CPU time instead: a blocked wait in gloo (a collective, a p2p receive) uses none,
+        and the run queue is left out as before (same drill: 0.37 s against 0.12-0.17 s, the culprit named). On a
+        GPU the span stays event time (excluding stream waits for peers there is not done)."""
+        self.cpu_time = not self.cuda and model_parallel(module)
         for m in module.modules():
             if m._forward_pre_hooks:
                 m.register_forward_pre_hook(self._wait_begins, prepend=True)
@@ -142,6 +157,8 @@ class ComputeTimer:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
+        if self.cpu_time:
+            return time.thread_time()
         return time.perf_counter() - run_queue_s()
 
     def _wait_begins(self, module, args) -> None:
@@ -174,6 +191,14 @@ class ComputeTimer:
         total = self._host_s + sum(sign * s.elapsed_time(e) / 1e3 for s, e, sign in self._spans)
         self._spans, self._host_s = [], 0.0
         return max(total, 0.0)
+
+
+def model_parallel(module: torch.nn.Module) -> bool:
+    """The module is a pipeline stage (comm/parallel/pipeline.py ``stage_module`` marks it) or holds tensor-parallel
+    (DTensor) parameters: a forward that waits for peers inside it."""
+    if getattr(module, "_pipeline_chunks", None) is not None:
+        return True
+    return any(hasattr(p, "device_mesh") for p in module.parameters())
 
 
 @dataclass
@@ -255,7 +280,61 @@ def _waits_for(live: dict[int, dict]) -> dict[int, dict | None]:
                           "bytes": pending.get("bytes")}
             if out[r] is None or (out[r]["collective"]["group"] != "0" and name == "0"):
                 out[r] = {"collective": collective, "missing": missing}
+    _pipeline_waits(live, out)
     return out
+
+
+# Waits the flight recorder does not keep, recognised by the main thread's place in the heartbeat (``where``).
+P2P_WAIT = "_wait_batch_p2p"  # torch.distributed.pipelining's wait on a stage's sends and receives
+BARRIER_WAIT = " barrier"  # inside torch.distributed.barrier
+PIPELINE_GROUP_DESC = "mesh_pp"  # the pipeline dimension's group (DeviceMesh names a dim's group mesh_<dim>)
+
+
+def pipeline_stage(beat: dict) -> int | None:
+    """A rank's position in its pipeline (its index in its pipeline group), from its heartbeat; None without one."""
+    for g in (beat.get("collectives") or {}).values():
+        if g.get("desc") == PIPELINE_GROUP_DESC and beat.get("rank") in (g.get("ranks") or []):
+            return g["ranks"].index(beat["rank"])
+    return None
+
+
+def _barrier_wait(r: int, beats: dict[int, dict], out: dict[int, dict | None]) -> None:
+    """A rank blocked in a barrier the flight recorder does not keep (gloo's; the pipeline step starts from one
+    over its pipeline group) waits for the members of a group it has run more operations on than they have (measured:
+    a rank hung before its step was blamed together with its pipeline peer, which waited for it in that barrier)."""
+    mine = beats[r].get("collectives") or {}
+    for name, g in mine.items():
+        behind = sorted(m for m in g.get("ranks") or [] if m != r and m in beats
+                        and ((beats[m].get("collectives") or {}).get(name) or {}).get("enqueued", -1) < g["enqueued"])
+        if behind:
+            out[r] = {"collective": {"group": name, "desc": g.get("desc", ""), "seq": g["enqueued"],
+                                     "op": "barrier", "bytes": None}, "missing": behind}
+            return
+
+
+def _pipeline_waits(beats: dict[int, dict], out: dict[int, dict | None]) -> None:
+    """Edges of the waits-for graph the collective counts miss: a rank in a barrier (``_barrier_wait``), and a
+    rank blocked in a pipeline schedule's p2p wait, which waits for its pipeline peers. The flight recorder keeps no
+    p2p operation on gloo (nor a peer on any backend), so without this such a rank looks like one that never
+    entered the collective the others wait in, and is blamed beside the culprit (measured on tp=2 x pp=2 x dp=2:
+    a hang inside rank 3's forward blamed ranks 0, 1 and 3, the first stage blocked waiting for rank 3's
+    gradients). Its peers that are not themselves in a p2p wait are the ones it waits for; the main thread's place
+    (``where`` in the heartbeat) says it is in that wait."""
+    for r, b in beats.items():
+        if not out.get(r) and BARRIER_WAIT in (b.get("where") or ""):
+            _barrier_wait(r, beats, out)
+        if out.get(r) or P2P_WAIT not in (b.get("where") or ""):
+            continue
+        group = next(((n, g) for n, g in (b.get("collectives") or {}).items()
+                      if g.get("desc") == PIPELINE_GROUP_DESC), None)
+        if group is None:
+            continue
+        name, g = group
+        peers = [m for m in g.get("ranks") or [] if m != r]
+        missing = sorted(m for m in peers if P2P_WAIT not in (beats.get(m, {}).get("where") or ""))
+        if missing:
+            out[r] = {"collective": {"group": name, "desc": g.get("desc", ""), "seq": None, "op": "pipeline p2p",
+                                     "bytes": None}, "missing": missing}
 
 
 class Watchdog:
@@ -271,6 +350,7 @@ class Watchdog:
         self._first_step_done = False
         self._beats = 0
         self._state = "running"
+        self._last_beat: dict | None = None
         self._host, self._pid = socket.gethostname(), os.getpid()
         self._window: list[float] = []  # this window's compute times
         self._window_index: int | None = None
@@ -336,14 +416,20 @@ class Watchdog:
             self._window, self._window_index = [], None
 
     # ---- heartbeats ---------------------------------------------------------------------------------------------
-    def _write(self, collectives_now: dict | None = None) -> None:
+    def _write(self, collectives_now: dict | None = None, *, keep_position: bool = False) -> None:
+        """keep_position: only the state and the beat change; where the main thread was and its collectives stay
+        as the last heartbeat had them (called from the main thread, which is no longer where it stood)."""
         self._beats += 1
         with self._lock:
             windows = list(self._windows)
+        last = self._last_beat if keep_position else None
         beat = {"rank": self.rank, "host": self._host, "pid": self._pid, "state": self._state, "beat": self._beats,
-                "time": time.time(), **self.progress.snapshot(), "where": main_thread_where(),
+                "time": time.time(), **self.progress.snapshot(),
+                "where": last["where"] if last else main_thread_where(),
                 "idle_s": round(time.monotonic() - self._last_progress, 3), "limit_s": self._limit()[0],
-                "collectives": collectives() if collectives_now is None else collectives_now, "windows": windows}
+                "collectives": (last["collectives"] if last else collectives() if collectives_now is None
+                                else collectives_now), "windows": windows}
+        self._last_beat = beat
         path = self.dir / f"rank{self.rank:05d}.json"
         tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
         try:
@@ -512,8 +598,12 @@ class Watchdog:
         ratio between consecutive windows), which on a quiet GPU cluster is a few percent and leaves the factor in
         charge."""
         ratios = {}
+        role = {r: pipeline_stage(beats.get(r, {})) for r in times}
         for rank, t in times.items():
-            others = statistics.median(v for r, v in times.items() if r != rank)
+            # Under a pipeline, stages do different work (the first holds the embedding, the last the LM head and
+            # the loss): a rank is compared with the ranks at its own pipeline position when there are any.
+            peers = [r for r in times if r != rank and role[r] == role[rank]] or [r for r in times if r != rank]
+            others = statistics.median(times[r] for r in peers)
             ratios[rank] = t / others if others > 0 and t > 0 else 1.0
         # Noise is how much a rank's ratio moves from one window to the next: a persistent straggler moves once
         # (at its onset), host contention keeps moving every rank (measured here: 1-2.3x jumps between windows).
@@ -559,8 +649,9 @@ def describe(verdict: Verdict, beats: dict[int, dict], frozen: set[int], *, me: 
     if w:
         n = w.get("bytes")
         size = "" if not n else f", {n / 1e6:.2f} MB" if n >= 1e5 else f", {n} B"
-        parts.append(f"rank(s) {verdict.waiting_ranks} wait in {w['desc'] or 'group ' + w['group']} collective "
-                     f"#{w['seq']} ({w['op']}{size})")
+        which = "" if w.get("seq") is None else f" #{w['seq']}"  # a pipeline p2p wait has no sequence number
+        parts.append(f"rank(s) {verdict.waiting_ranks} wait in {w['desc'] or 'group ' + w['group']} collective"
+                     f"{which} ({w['op']}{size})")
     why = {"frozen": "shows no sign of life (frozen or gone)",
            "not_in_collective": "never entered that collective",
            "behind": "is furthest behind", "only_rank": "is the only rank", "unknown": ""}[verdict.rule]
@@ -615,7 +706,11 @@ def install_stop_handler(events: EventLog, step_fn, watchdog: Watchdog) -> None:
                     detail=f"stopped by the launcher (SIGTERM): another worker failed or the job was cancelled; "
                     f"ranks whose process is gone on this host: {dead or 'none'}")
         watchdog._state = "terminated"
-        watchdog._write()  # a peer's watchdog must not read this rank's silence as a frozen process
+        # A peer's watchdog must not read this rank's silence as a frozen process, and must still see where it
+        # stood: this handler runs on the main thread, so a fresh heartbeat would place it here, outside the wait
+        # it was in (measured on tp x pp x dp: a rank stopped while it waited for the hung rank was then blamed
+        # beside it by the watchdogs that fired after the first).
+        watchdog._write(keep_position=True)
         os._exit(EXIT_TERMINATED)
 
     if threading.current_thread() is threading.main_thread():
