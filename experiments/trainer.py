@@ -472,11 +472,14 @@ def check_fault_config(ckpt: CheckpointConfig, chaos: ChaosConfig, watchdog: Wat
                     chaos.name)
 
 
-def checkpoint_fingerprint(model_cfg: ModelConfig, train: TrainConfig) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed: the shapes of the weights and the data order."""
+def checkpoint_fingerprint(model_cfg: ModelConfig, train: TrainConfig, data: DataConfig,
+                           dp: int) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed: the shapes of the weights and the data order (with
+    data.shard=rows the global batch's rows, whatever dp splits them; otherwise each rank's micro-batch)."""
+    rows = {"global_rows": train.micro_batch_size * dp} if data.shard == "rows" else {
+        "micro_batch_size": train.micro_batch_size}
     return {"model": {k: getattr(model_cfg, k) for k in ("n_layers", "dim", "n_heads", "ffn_dim", "vocab_size")},
-            "seq_len": train.seq_len, "micro_batch_size": train.micro_batch_size,
-            "grad_accum_steps": train.grad_accum_steps}
+            "seq_len": train.seq_len, **rows, "grad_accum_steps": train.grad_accum_steps}
 
 
 def build_fault_tolerance(s: Settings, run_dir: Path, info: DistInfo, layout: Layout) -> FaultTolerance:
@@ -486,8 +489,11 @@ def build_fault_tolerance(s: Settings, run_dir: Path, info: DistInfo, layout: La
     watchdog = Watchdog(s.watchdog, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
                         events=events).start()
     checkpoint = CheckpointManager(s.checkpoint, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
-                                   fingerprint=checkpoint_fingerprint(s.model, s.train), events=events,
-                                   progress=watchdog.progress, dp_of_rank=layout.dp_of_rank(info.world_size))
+                                   fingerprint=checkpoint_fingerprint(s.model, s.train, s.data, layout.dp_size),
+                                   events=events, progress=watchdog.progress,
+                                   # data.shard=rows: every rank holds the same (global) data position
+                                   dp_of_rank=layout.dp_of_rank(info.world_size) if s.data.shard == "files"
+                                   else [0] * info.world_size)
     chaos = Chaos(s.chaos, rank=info.rank, world_size=info.world_size, total_steps=s.train.steps, events=events,
                   checkpoint_dir=checkpoint_dir(s.checkpoint, run_dir))
     return FaultTolerance(events=events, watchdog=watchdog, checkpoint=checkpoint, chaos=chaos)

@@ -770,7 +770,8 @@ class CheckpointManager:
                 f"checkpoint {path} was written with {old_dp} data-parallel replicas ({manifest['world_size']} "
                 f"ranks), this job has {new_dp} ({self.world_size} ranks): each replica's data position and RNG "
                 f"cannot be mapped onto another data-parallel size; resume with dp={old_dp} (world = {old_dp} x "
-                f"parallel.tp x parallel.pp; tp and pp may change), or {_FRESH}")
+                f"parallel.tp x parallel.pp; tp and pp may change), train with data.shard=rows (one global data "
+                f"stream: resumable under any dp at the same global batch), or {_FRESH}")
         old, new = _flatten(manifest["fingerprint"]), _flatten(self.fingerprint)
         diff = [f"{k}: checkpoint {old.get(k)!r}, this run {new.get(k)!r}"
                 for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]

@@ -42,6 +42,16 @@ class DataConfig:
     corpus_files: int = 8  # built-in corpus: number of files
     corpus_mb: float = 2.0  # built-in corpus: total size
     seed: int = 1234  # built-in corpus generator seed
+    # How data-parallel ranks share the data: "files" (file i to rank i % dp: no rank reads another's text) or
+    # "rows" (every rank packs the same global stream of dp x micro-batch rows and keeps its slice, as Megatron's
+    # sampler does: a step's global batch then does not depend on dp, so a checkpoint resumes under another dp, at
+    # the cost of every rank tokenizing all the text).
+    shard: str = "files"
+
+    def __post_init__(self) -> None:
+        if self.shard not in ("files", "rows"):
+            raise ValueError(f"data.shard={self.shard!r} is unknown; use files (each rank its own files) or rows "
+                             "(one global stream, each rank its rows: resumable under another dp)")
 
 
 def resolve_cache_dir(cache_dir: str | Path) -> Path:
@@ -358,7 +368,7 @@ def build_data(cfg: DataConfig, *, seq_len: int, micro_batch_size: int, rank: in
     else:
         data_dir = Path(cfg.data_dir).expanduser()
     files = list_text_files(data_dir)
-    mine = assign_files(files, rank, world_size)
+    mine = assign_files(files, rank, world_size) if cfg.shard == "files" else files
     # Every rank trains (or loads from the cache) on ALL files, so all ranks share one vocabulary.
     if cfg.tokenizer_path:
         tokenizer = load_tokenizer(cfg.tokenizer_path)
@@ -371,8 +381,36 @@ def build_data(cfg: DataConfig, *, seq_len: int, micro_batch_size: int, rank: in
                     sum(f.stat().st_size for f in files), tokenizer.vocab_size, tokenizer.vocab_size,
                     cfg.vocab_size - tokenizer.vocab_size, tokenizer.vocab_size)
     check_enough_text(mine, tokenizer, seq_len=seq_len, rank=rank, world_size=world_size)
-    loader = PackedLoader(mine, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size)
-    log.info("rank %d/%d: %d of %d files (%d bytes) from %s; tokenizer %s, vocab_size %d", rank, world_size,
-             len(mine), len(files), sum(f.stat().st_size for f in mine), data_dir, tokenizer.model_path,
-             tokenizer.vocab_size)
+    if cfg.shard == "rows":
+        whole = PackedLoader(mine, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size * world_size)
+        loader = RowShard(whole, rank=rank, rows=micro_batch_size)
+    else:
+        loader = PackedLoader(mine, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size)
+    log.info("rank %d/%d: %d of %d files (%d bytes, data.shard=%s) from %s; tokenizer %s, vocab_size %d", rank,
+             world_size, len(mine), len(files), sum(f.stat().st_size for f in mine), cfg.shard, data_dir,
+             tokenizer.model_path, tokenizer.vocab_size)
     return tokenizer, loader
+
+
+class RowShard:
+    """data.shard=rows: a loader over the whole corpus packing global batches of dp x micro-batch rows, of which
+    this rank keeps rows [rank x rows, (rank + 1) x rows). Its state is the global stream's position, the same on
+    every rank, which is what lets a checkpoint written with one dp be read with another (same global batch)."""
+
+    def __init__(self, inner: PackedLoader, *, rank: int, rows: int):
+        self.inner, self.rank, self.rows = inner, rank, rows
+
+    def next_batch(self) -> torch.Tensor:
+        return self.inner.next_batch()[self.rank * self.rows:(self.rank + 1) * self.rows]
+
+    def state_dict(self) -> dict:
+        return {**self.inner.state_dict(), "shard": "rows"}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("shard") != "rows":
+            raise ValueError("the checkpoint's data position is one rank's own files (data.shard=files); resume "
+                             "with data.shard=files")
+        self.inner.load_state_dict({k: v for k, v in state.items() if k != "shard"})
+
+    def __getattr__(self, name: str):  # tokens_consumed, epoch, files ...: the global stream's
+        return getattr(self.inner, name)

@@ -1,8 +1,8 @@
 """Tensor, sequence and pipeline parallelism through the real entry point: parallel.tp=2 on 2 gloo ranks trains the
 same losses as one process, tp=2 x dp=2 on 4 ranks the same as plain DDP over 2 ranks at the same global batch,
 pp=2 and tp=2 x pp=2 the same as one process (any schedule), a tp=2 run resumes bit-exact from its own checkpoint,
-a tp=2 x pp=2 checkpoint resumes under pp=2, tp=2 and one process, and impossible layouts are refused with the
-numbers."""
+a tp=2 x pp=2 checkpoint resumes under pp=2, tp=2 and one process (and under dp=4 with data.shard=rows), and
+impossible layouts are refused with the numbers."""
 from __future__ import annotations
 
 import json
@@ -117,6 +117,21 @@ def test_tp2_x_pp2_checkpoint_resumes_under_other_layouts(tmp_path):
     out = run_entry([*COMMON, *ckpt, resume, f"hydra.run.dir={tmp_path / 'dp2'}"], torchrun_nproc=2, timeout=300)
     assert out.returncode != 0 and "written with 1 data-parallel replicas" in out.stderr
     assert (tmp_path / "cut" / "checkpoints" / "step_000003").is_dir()
+
+
+@pytest.mark.slow
+def test_with_row_sharded_data_a_tp2_x_pp2_checkpoint_resumes_under_dp4(tmp_path):
+    """data.shard=rows: the global batch does not depend on dp, so tp=2 x pp=2 (dp=1, 8 rows per step) written at
+    step 3 continues under plain dp=4 (2 rows per rank) as the uninterrupted run."""
+    ckpt = ["data.shard=rows", "model.n_layers=4", "fault/checkpoint=sync", "fault.checkpoint.every=3",
+            "train.steps=5"]
+    whole = _train(tmp_path, "whole", *ckpt, "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=8", nproc=4)
+    _train(tmp_path, "cut", *ckpt, "train.steps=3", "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=8",
+           nproc=4)
+    resumed = _train(tmp_path, "dp4", *ckpt, f"fault.checkpoint.resume={tmp_path / 'cut' / 'checkpoints'}",
+                     "train.micro_batch_size=2", nproc=4)
+    assert resumed == pytest.approx(whole[3:], abs=1e-4)
+    assert json.loads((tmp_path / "dp4" / "summary.json").read_text())["environment"]["parallel"]["dp"] == 4
 
 
 @pytest.mark.parametrize("args, nproc, words", [

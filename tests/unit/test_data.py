@@ -69,7 +69,7 @@ def unpack(batches: list[torch.Tensor]) -> list[int]:
 def test_data_config_fields() -> None:
     names = [f.name for f in dataclasses.fields(DataConfig)]
     assert names == ["data_dir", "tokenizer_path", "vocab_size", "cache_dir", "corpus_files", "corpus_mb",
-                     "seed"]
+                     "seed", "shard"]
     cfg = DataConfig()
     assert (cfg.data_dir, cfg.tokenizer_path, cfg.vocab_size, cfg.corpus_files) == (None, None, 4096, 8)
     with pytest.raises(TypeError):
@@ -369,3 +369,28 @@ def test_build_data_user_dir_and_tokenizer(tmp_path: Path, tiny_files: list[Path
     assert not (tmp_path / "cache").exists()  # nothing generated or trained
     with pytest.raises(ValueError, match="has 3 text files but the job has 4 ranks"):
         build_data(cfg, seq_len=8, micro_batch_size=1, rank=0, world_size=4)
+
+
+def test_row_sharded_ranks_split_the_one_process_batches_and_resume_under_another_dp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.shard=rows: dp ranks' rows, stacked, are the batches one process reads with dp x the micro-batch; the
+    position is the global stream's, so dp=4's saved state continues under dp=2 (and one process) alike."""
+    monkeypatch.setenv("CHUANLIU_CACHE", str(tmp_path / "cache"))
+    cfg = DataConfig(vocab_size=VOCAB, corpus_files=4, corpus_mb=0.2, seed=2, shard="rows")
+    one = build_data(cfg, seq_len=16, micro_batch_size=4, rank=0, world_size=1)[1]
+    dp2 = [build_data(cfg, seq_len=16, micro_batch_size=2, rank=r, world_size=2)[1] for r in range(2)]
+    dp4 = [build_data(cfg, seq_len=16, micro_batch_size=1, rank=r, world_size=4)[1] for r in range(4)]
+    for _ in range(3):
+        whole = one.next_batch()
+        assert torch.equal(torch.cat([ld.next_batch() for ld in dp2]), whole)
+        assert torch.equal(torch.cat([ld.next_batch() for ld in dp4]), whole)
+    state = dp4[3].state_dict()
+    assert all(ld.state_dict() == state for ld in dp4)  # one position, whichever rank saved it
+    for ld in dp2:
+        ld.load_state_dict(state)
+    assert torch.equal(torch.cat([ld.next_batch() for ld in dp2]), one.next_batch())
+    with pytest.raises(ValueError, match="data.shard=files"):  # a file-sharded position cannot be taken
+        dp2[0].load_state_dict(build_data(DataConfig(vocab_size=VOCAB, corpus_files=4, corpus_mb=0.2, seed=2),
+                                          seq_len=16, micro_batch_size=2, rank=0, world_size=2)[1].state_dict())
+    with pytest.raises(ValueError, match="data.shard='bogus' is unknown"):
+        DataConfig(shard="bogus")
