@@ -293,7 +293,9 @@ def build_layout(s: Settings, info: DistInfo, device: torch.device) -> Layout:
             check_layout(p.pp_schedule, p.pp, p.pp_virtual_stages, s.model.n_layers, m)
         except ValueError as e:
             raise ConfigError(f"parallel.pp_schedule={p.pp_schedule}: {e}") from None
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    # Ranks per node: the virtual nodes' size (comm/topology=simulated), else the launcher's local world.
+    per_node = (info.world_size // s.topology.nodes if s.topology.nodes
+                else int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
     mesh, groups = build_mesh(p, info.world_size, device.type, ranks_per_node=per_node, n_heads=s.model.n_heads,
                               n_layers=s.model.n_layers)
     return Layout(dp_rank=groups["coords"]["dp"], dp_size=shape["dp"], tp=p.tp, pp=p.pp, mesh=mesh, groups=groups,
@@ -344,6 +346,14 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                                **({"schedule": pipe.knobs["schedule"], "virtual_stages": pipe.knobs["virtual_stages"],
                                    "microbatches": pipe.knobs["n_microbatches"]} if pipe else {}),
                                **{k: v for k, v in layout.groups.items() if k.endswith("_groups")}}
+    if layout.mesh is not None and topology is not None:  # which dims stay inside a node (tp should) or cross
+        from comm.parallel.pipeline import placement
+
+        environment["parallel"]["placement"] = placement(layout.groups, topology.node_of_rank)
+        if info.is_main:
+            log.info("parallel layout: %s", ", ".join(
+                f"{d}={environment['parallel'][d]} ({where})" for d, where in
+                environment["parallel"]["placement"].items()))
     metrics = build_metrics(s, cfg, run_dir, info, work, engine, kernels, tokenizer, environment)
     compute_timer = ComputeTimer(device)
     compute_timer.exclude_engine_hooks(engine.module)  # before chaos or anything else adds forward pre-hooks
@@ -393,7 +403,12 @@ def build_engine(s: Settings, model: torch.nn.Module, device: torch.device, info
     comm_hook, topology, reduce = None, None, MeasuredCollective("flat all-reduce", flat_all_reduce)
     if info.world_size > 1:  # collectives: every rank discovers and builds the same groups
         topology = discover_topology(s.topology)
-        comm_hook = build_comm_hook(s.algorithm, s.overlap, build_groups(topology), SlowLink(s.link), device)
+        if pipe is None:
+            comm_hook = build_comm_hook(s.algorithm, s.overlap, build_groups(topology), SlowLink(s.link), device)
+        elif SlowLink(s.link).enabled:  # pipeline sends and the dp reduction wait the link where they cross nodes
+            from comm.parallel.pipeline import P2PDelay
+
+            pipe.link_delay = P2PDelay(SlowLink(s.link), topology.node_of_rank, info.rank).install()
         if comm_hook:  # the cost model times what training will run
             reduce = MeasuredCollective(f"comm/algorithm={s.algorithm.name}", comm_hook[1].reduce)
     bucket = choose_bucket_bytes(

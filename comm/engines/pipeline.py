@@ -88,11 +88,16 @@ class PipelineEngine(TorchOptimizerEngine):
         return mean
 
     def _reduce_dp(self) -> None:
+        nbytes = 0
         for p in self.raw.parameters():
             if p.grad is not None:
                 g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                 dist.all_reduce(g, group=self.dp_group)
                 g.div_(self.dp_size)
+                nbytes += g.numel() * g.element_size()
+        link = self.pipe.link_delay  # comm/link=slow: the reduction's modelled time on the inter-node link
+        if link is not None:
+            link.link.wait(link.all_reduce_s(nbytes, dist.get_process_group_ranks(self.dp_group)))
 
     def step(self) -> dict[str, float]:
         if self.dp_group is not None:

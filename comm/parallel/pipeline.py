@@ -402,6 +402,7 @@ class Pipeline:
     group: dist.ProcessGroup
     knobs: dict = field(default_factory=dict)
     unhonoured: list[str] = field(default_factory=list)
+    link_delay: "P2PDelay | None" = None  # comm/link=slow across (virtual) nodes, installed by the trainer
 
     def parameters(self):
         return [p for c in self.chunks for p in c.parameters()]
@@ -747,3 +748,77 @@ def peak_in_flight(name: str, p: int, m: int, v: int = 1) -> float:
                 alive.discard((stage, mb))
             peak = max(peak, len(alive) / v)
     return peak
+
+
+# ---------------------------------------------------------------- the emulated slow link, for the pipeline's p2p
+
+
+class P2PDelay:
+    """comm/link=slow for pipeline traffic: a receive from a rank on another (virtual) node waits, after its data
+    arrived over loopback, the time the α-β link model gives its bytes (comm/slowlink.py). Receiver-side, as a
+    slow link delays the consumer; sends stay asynchronous, as torch posts them. Installed by patching torch's
+    schedule-module helpers ``_batch_p2p`` (which recvs cross a node boundary: counted) and ``_wait_batch_p2p``
+    (after the wait: the delay), before ``StageTimer`` wraps the latter, so the delay is measured as p2p wait."""
+
+    def __init__(self, link, node_of_rank: tuple[int, ...], rank: int):
+        self.link, self.node_of_rank, self.rank = link, node_of_rank, rank
+        self.messages, self.bytes, self.delayed_s = 0, 0, 0.0
+        self._restore = None
+
+    def _crosses(self, op) -> bool:
+        peer = op.peer if op.peer is not None else dist.get_global_rank(op.group, op.group_peer)
+        return self.node_of_rank[peer] != self.node_of_rank[self.rank]
+
+    def install(self) -> "P2PDelay":
+        from torch.distributed.pipelining import schedules as S
+
+        batch, wait = S._batch_p2p, S._wait_batch_p2p
+
+        def batch_p2p(p2p_ops, desc=None):
+            for op in p2p_ops:
+                if op.op is dist.irecv and self._crosses(op):
+                    self.messages += 1
+                    self.bytes += op.tensor.numel() * op.tensor.element_size()
+            return batch(p2p_ops, desc)
+
+        def wait_batch_p2p(works):
+            out = wait(works)
+            if self.messages:
+                seconds = self.link.delay_s(self.messages, self.bytes)
+                self.link.wait(seconds)
+                self.delayed_s += seconds
+                self.messages, self.bytes = 0, 0
+            return out
+
+        S._batch_p2p, S._wait_batch_p2p = batch_p2p, wait_batch_p2p
+
+        def restore():
+            S._batch_p2p, S._wait_batch_p2p = batch, wait
+        self._restore = restore
+        return self
+
+    def close(self) -> None:
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
+
+    def all_reduce_s(self, nbytes: float, ranks: list[int]) -> float:
+        """Modelled seconds a ring all-reduce of ``nbytes`` over ``ranks`` spends on the link when they span
+        nodes: 2(d-1) steps of nbytes/d each, as comm/slowlink.py's flat ring (0 inside one node)."""
+        d = len(ranks)
+        if d <= 1 or len({self.node_of_rank[r] for r in ranks}) <= 1:
+            return 0.0
+        return self.link.delay_s(2 * (d - 1), 2 * (d - 1) * nbytes / d)
+
+
+def placement(groups: dict, node_of_rank: tuple[int, ...]) -> dict[str, str]:
+    """For each mesh dim ("tp", "pp", "dp"), whether its groups stay inside a node or cross nodes: what
+    topology-aware placement should give (tp inside, pp and dp across) and what comm/link=slow then delays."""
+    out = {}
+    for dim in ("tp", "pp", "dp"):
+        gs = [g for g in groups.get(f"{dim}_groups", []) if len(g) > 1]
+        if not gs:
+            out[dim] = "size 1"
+        else:
+            out[dim] = "across nodes" if any(len({node_of_rank[r] for r in g}) > 1 for g in gs) else "within a node"
+    return out

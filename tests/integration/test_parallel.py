@@ -96,10 +96,15 @@ def test_pp2_and_tp2_x_pp2_train_like_one_process(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["Interleaved1F1B", "ZBVZeroBubble"])
 def test_multi_stage_schedules_train_like_one_process(tmp_path, schedule):
+    """Also on 2 virtual nodes behind the emulated slow link: the stages sit on different nodes (placement in
+    summary.json), their sends wait the link, and the losses do not change."""
     ref = _train(tmp_path, "one", *PIPE)
     pp = _train(tmp_path, "pp", *PIPE, "parallel.pp=2", f"parallel.pp_schedule={schedule}",
-                "parallel.pp_virtual_stages=2", nproc=2)
+                "parallel.pp_virtual_stages=2", "comm/topology=simulated", "comm.topology.nodes=2", "comm/link=slow",
+                nproc=2)
     assert pp == pytest.approx(ref, abs=1e-5)
+    env = json.loads((tmp_path / "pp" / "summary.json").read_text())["environment"]
+    assert env["parallel"]["placement"] == {"tp": "size 1", "pp": "across nodes", "dp": "size 1"}
 
 
 @pytest.mark.slow
