@@ -11,6 +11,8 @@ steady-state median tokens/s (summary.json's ``median["perf/tokens_per_s"]``), w
 Every job leaves ``autotune_trial.json``; ``SweepCallback`` turns them into the best command line and YAML, the
 trials table and the plots when the sweep ends (analysis/autotune.py, through analysis.report).
 
+The sampler (``distinct_tpe_sampler``) first proposes the memory-first seeds (``memory_first_seeds``, DeepSpeed's
+autotuner's first step: per engine, the largest micro-batch that fits), then TPE without repeats.
 ``conditional_knobs`` is the sweeper's ``custom_search_space``: knobs that exist under one option only
 (``engine.zero_stage`` under ``engine=deepspeed``, ``comm.bucket.bucket_cap_mb`` under ``comm/bucket=fixed``) are
 searched only in trials that chose that option.

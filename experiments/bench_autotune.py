@@ -4,7 +4,8 @@
     python -m experiments.bench_autotune --rounds 3 --out docs/benchmarks/autotune.json
 
 Both methods run through the real entry point and experiment=autotune (so the same trial function, memory cap and
-trial length): the grid with Hydra's basic sweeper over every point, the autotuner with the preset's sampler (the
+trial length): the grid with Hydra's basic sweeper over every point, one at a time (hydra/sweeper=autotune_grid:
+submitit_local would otherwise start all 24 together), the autotuner with the preset's sampler (the
 memory-first seeds, per engine the largest micro-batch the estimate lets fit, then distinct multivariate TPE), a
 budget of a third of the grid's trials (seeds, repeats and infeasible trials count), one sweep per seed.
 The space: train.micro_batch_size (1, 2, 4, 8 at a global batch of 8: accumulation 8..1) x precision (fp32, bf16)
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3, help="side-by-side re-measurement rounds (0: skip)")
     parser.add_argument("--replay-seeds", type=int, default=50)
+    parser.add_argument("--grid-from", type=Path, default=None,
+                        help="reuse the grid of an earlier run's JSON (same space, cap and trial length) instead of "
+                             "measuring it again; the side-by-side rounds still re-measure its best")
     parser.add_argument("--work", type=Path, default=REPO / "multirun" / "bench_autotune")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "autotune.json")
     args = parser.parse_args(argv)
@@ -161,8 +165,17 @@ def main(argv: list[str] | None = None) -> None:
         points *= len(v)
     budget = points // 3
     load = [os.getloadavg()[0]]
-    grid = sweep("grid", work, common, ["hydra/sweeper=basic", *(f"{k}={','.join(map(str, v))}"
-                                                                 for k, v in SPACE.items())])
+    if args.grid_from:
+        earlier = json.loads(args.grid_from.read_text())
+        same = {k: earlier.get(k) for k in ("model", "seq_len", "steps", "summary_warmup_steps", "memory_cap_gib")}
+        if same != {"model": args.model, "seq_len": args.seq_len, "steps": args.steps,
+                    "summary_warmup_steps": args.warmup, "memory_cap_gib": args.cap_gib}:
+            raise SystemExit(f"--grid-from {args.grid_from}: its settings {same} differ from this run's")
+        grid = {**earlier["grid"], "reused_from": {"path": str(args.grid_from), "date": earlier["date"],
+                                                   "loadavg_1min": earlier["loadavg_1min"]}}
+    else:
+        grid = sweep("grid", work, common, ["hydra/sweeper=autotune_grid", *(f"{k}={','.join(map(str, v))}"
+                                                                       for k, v in SPACE.items())])
     tuned = []
     for seed in args.seeds:
         tuned.append(sweep(f"autotune_seed{seed}", work, common,

@@ -21,8 +21,8 @@ def test_an_autotune_sweep_returns_tokens_per_s_never_launches_infeasible_trials
     proc = run_entry(["-m", "experiment=autotune", "model=tiny", "train.steps=3", "train.summary_warmup_steps=1",
                       "train.micro_batch_size=2,4,8", "fusion=sdpa", "splitting=none", "precision=fp32",
                       "engine=ddp", "comm/bucket=fixed", "logging=disabled", f"autotune.memory_cap_gib={CAP_GIB}",
-                      # six seeded random draws (no TPE step, whose picks follow the noisy timings): with Optuna
-                      # 2.10 they hold four distinct feasible configurations, one repeat and micro-batch 8
+                      # the memory-first seed (micro-batch 4, the largest under the cap), then seeded random
+                      # draws (n_startup_trials=10: no TPE step, whose picks would follow the noisy timings)
                       "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.n_startup_trials=10",
                       f"hydra.sweep.dir={sweep}"], timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,6 +34,7 @@ def test_an_autotune_sweep_returns_tokens_per_s_never_launches_infeasible_trials
     # (autotune.conditional); the other groups were fixed on the command line.
     assert set(report["knobs"]) <= {"train.micro_batch_size", "comm/overlap", "comm.bucket.bucket_cap_mb"}
     assert all("comm.bucket.bucket_cap_mb" in t["values"] for t in trials)
+    assert trials[0]["values"]["train.micro_batch_size"] == "4" and trials[0]["status"] == "ok"  # the seed
     by_status = {s: [t for t in trials if t["status"] == s] for s in ("ok", "repeat", "infeasible", "failed")}
     assert len(by_status["ok"]) >= 3 and by_status["infeasible"] and not by_status["failed"], trials
     for t in by_status["ok"]:  # trained: the objective is the run's steady-state median tokens/s
