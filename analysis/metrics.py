@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 # (null where it does not apply) except the comm/ ones, which need more than one rank and a chuanliu all-reduce hook
 # (comm/algorithm=flat|hierarchical under DDP).
 EXTRA_KEYS: dict[str, str] = {
-    "mem/activation_bytes": "bytes autograd saved for backward (experiments/trainer.py, systems/memory.py's meter)",
+    "mem/activation_bytes": "bytes autograd saved for backward (experiments/trainer.py, systems/memory.py's meter); "
+                            "under pp the most alive at once; null under zero-bubble schedules (the hooks leak there)",
     "precision/loss_scale": "fp16 loss scale, 1.0 without a scaler (engine.step(), comm/engines/engine.py)",
     "precision/skipped_steps": "optimizer steps skipped on fp16 overflow so far (engine.step())",
     "fault/forward_s": "this rank's forward compute time, the straggler signal (experiments/trainer.py)",

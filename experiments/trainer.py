@@ -38,6 +38,7 @@ from comm.engines.engine import Engine, EngineInputs, replica_digests
 from comm.hierarchical import flat_all_reduce
 from comm.hooks import AlgorithmConfig, OverlapConfig, build_comm_hook, synchronizer
 from comm.parallel import ParallelConfig, apply_tensor_parallel, build_mesh
+from comm.parallel.pipeline import SPLIT_BACKWARD
 from comm.parallel.tensor import NoCommMeter, TPCommMeter
 from comm.parallel.tensor import clip_grad_norm_ as tp_clip_grad_norm_
 from comm.slowlink import LinkConfig, SlowLink
@@ -362,7 +363,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     run = Run(train=s.train, info=info, device=device, precision=s.precision, engine=engine,
               next_batch=lambda: loader.next_batch().to(device, non_blocking=True), metrics=metrics,
               environment=environment, run_dir=run_dir, sync=sync, peak_memory=peak_memory_fn(device),
-              meter=SavedTensorMeter(engine.module.parameters(), live=layout.pp > 1),
+              meter=SavedTensorMeter(engine.module.parameters(), live=layout.pp > 1,
+                                     enabled=pipe is None or pipe.knobs["schedule"] not in SPLIT_BACKWARD),
               show_progress=info.is_main and s.logging.progress_bar, loader=loader, events=fault.events,
               checkpoint=fault.checkpoint, chaos=fault.chaos, watchdog=fault.watchdog, compute_timer=compute_timer,
               tp_comm=TPCommMeter() if layout.tp > 1 else NoCommMeter())
@@ -585,7 +587,8 @@ def train_loop(run: Run) -> dict[str, Any]:
         run.meter.reset_peak()
         with run.tp_comm:
             loss = run.engine.forward_backward(micro_batches(run), run.train.grad_accum_steps, forward_context)
-        check_losses(step, run.engine.rank_losses, run.events, rank=run.info.rank)  # before NaN reaches weights
+        check_losses(step, run.engine.rank_losses, run.events, rank=run.info.rank,  # before NaN reaches weights
+                     origins=getattr(run.engine, "nan_origins", None))
         run.watchdog.beat(step, "optimizer")
         stats = run.engine.step()
         loss_value = loss.item()
@@ -626,6 +629,19 @@ PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "remote
                 "Broken pipe")
 
 
+def peer_failure(e: BaseException) -> bool:
+    """Whether ``e``, or an exception it was raised from, is a collective broken by a peer. The whole chain is
+    read: torch's pipelining re-raises a failed p2p or tp all-reduce as RuntimeError("[Stage 0] failed to run
+    forward ...") from the gloo error (measured: a killed rank was otherwise blamed on its tensor-parallel peer)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, dist.DistError) or any(s in str(e) for s in PEER_FAILURE):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def quiet_other_ranks(info: DistInfo) -> None:
     """Ranks other than 0 log warnings only on the console (their log files keep everything)."""
     if info.is_main:
@@ -654,7 +670,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise  # its detector logged the event; the launcher restarts the job
     except Exception as e:
         # A peer that died breaks the collective this rank was in; anything else is this rank's own failure.
-        peer = isinstance(e, dist.DistError) or any(s in str(e) for s in PEER_FAILURE)
+        peer = peer_failure(e)
         dead = run.watchdog.unresponsive_ranks() if peer else []
         run.events.emit("detected", durable=True, cause="collective_failure" if peer else "exception",
                         blamed_rank=(dead[0] if dead else None) if peer else run.info.rank, dead_ranks=dead,

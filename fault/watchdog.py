@@ -684,15 +684,22 @@ def _alive(pid: int) -> bool:
         return True
     return _proc_state(pid) != "Z"  # a killed child stays a zombie until its parent (the launcher) reaps it
 
-def check_losses(step: int, rank_losses: list[float], events: EventLog, *, rank: int) -> None:
-    """Raise NonFiniteLoss (after logging which ranks) when any rank's local loss is NaN or Inf."""
+def check_losses(step: int, rank_losses: list[float], events: EventLog, *, rank: int,
+                 origins: list[bool] | None = None) -> None:
+    """Raise NonFiniteLoss (after logging which ranks) when any rank's local loss is NaN or Inf. ``origins``:
+    per rank, whether a non-finite value first appeared in its own compute (a pipeline's loss reaches every rank
+    of the replica, so the loss alone cannot say which stage made it): the first such rank is blamed."""
     bad = [r for r, v in enumerate(rank_losses) if not math.isfinite(v)]
     if not bad:
         return
     detail = f"non-finite loss at step {step} on rank(s) {bad}: {[rank_losses[r] for r in bad]}"
+    first = [r for r in bad if origins and origins[r]]
+    if first:
+        detail += f"; first non-finite output of a stage from finite input on rank(s) {first}"
     if rank == 0:  # every rank sees the same gathered losses; one event is enough
-        events.emit("detected", durable=True, cause="nan_loss", blamed_rank=bad[0], blamed_ranks=bad, step=step,
-                    detail=detail)
+        blamed = first or bad
+        events.emit("detected", durable=True, cause="nan_loss", blamed_rank=blamed[0], blamed_ranks=blamed,
+                    step=step, detail=detail)
     raise NonFiniteLoss(detail + "; stopping before the optimizer step so the weights stay finite (the launcher "
                         "restarts from the newest checkpoint)")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -65,6 +66,20 @@ class PipelineEngine(TorchOptimizerEngine):
             self.unhonoured.append("with parallel.pp>1 gradients are all-reduced over the data-parallel group after "
                                    "the pipeline schedule: no DDP buckets or comm hook, no overlap with backward")
         self._bubble: dict[str, float] = {}
+        # Where a NaN/Inf starts: a chunk whose output is non-finite from a finite input (checked until one is
+        # found in the step); gathered with the losses, so check_losses blames the stage, not the replica.
+        self._nan_here = False
+        self.nan_origins: list[bool] | None = None
+        for chunk in pipeline.chunks:
+            chunk.register_forward_hook(self._watch_nan)
+
+    def _watch_nan(self, module, args, output) -> None:
+        if self._nan_here or not isinstance(output, torch.Tensor):
+            return
+        x = args[0] if args else None
+        finite_in = x is None or not x.is_floating_point() or bool(torch.isfinite(x).all())
+        if finite_in and not bool(torch.isfinite(output).all()):
+            self._nan_here = True
 
     @property
     def module(self) -> nn.Module:
@@ -85,6 +100,10 @@ class PipelineEngine(TorchOptimizerEngine):
         self._bubble = {"pp/bubble": idle[0].item() / p / bubble.step_s, "pp/p2p_wait_s": idle[1].item() / p,
                         "pp/step_s": bubble.step_s}
         mean, self.rank_losses = gather_rank_losses(loss.to(self.device), self.distributed)
+        if not all(map(math.isfinite, self.rank_losses)):  # only then: one more small all-gather
+            _, flags = gather_rank_losses(torch.tensor(float(self._nan_here), device=self.device), self.distributed)
+            self.nan_origins = [f > 0 for f in flags]
+        self._nan_here = False
         return mean
 
     def _reduce_dp(self) -> None:

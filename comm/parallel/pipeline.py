@@ -133,6 +133,11 @@ SCHEDULES: dict[str, ScheduleTraits] = {s.name: s for s in [
 ]}
 
 
+# Schedules that split the backward into input- and weight-gradient passes (I, W): torch keeps a micro-batch's
+# graph between them, and a saved-tensors hook then keeps its tensors past the W pass (systems.memory's meter).
+SPLIT_BACKWARD = frozenset({"InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"})
+
+
 def schedule_names() -> list[str]:
     """The schedules this module can run: torch's (get_schedule_class) that ``SCHEDULES`` describes."""
     from torch.distributed.pipelining.schedules import get_schedule_class

@@ -154,6 +154,16 @@ def test_check_losses_names_the_rank(tmp_path):
     assert e["cause"] == "nan_loss" and e["blamed_rank"] == 1 and e["step"] == 5
 
 
+def test_check_losses_blames_where_a_pipeline_nan_began(tmp_path):
+    """A pipeline replica shares one loss (ranks 0-3 all NaN); the stage whose output first went non-finite from
+    finite input (rank 1, and rank 3 downstream of it in tp) is blamed, not the replica's first rank."""
+    events = EventLog(tmp_path, rank=0)
+    with pytest.raises(NonFiniteLoss, match=r"from finite input on rank\(s\) \[1, 3\]"):
+        check_losses(2, [math.nan] * 4, events, rank=0, origins=[False, True, False, True])
+    (e,) = read_events(tmp_path)
+    assert e["blamed_rank"] == 1 and e["blamed_ranks"] == [1, 3]
+
+
 def _straggler_run(tmp_path, times_of_rank, steps):
     cfg = WatchdogConfig(straggler_factor=1.5, straggler_window=3, straggler_windows=2)
     dogs = [Watchdog(cfg, run_dir=tmp_path, rank=r, world_size=3, events=EventLog(tmp_path, r)) for r in range(3)]
@@ -287,3 +297,20 @@ def test_random_hang_places_and_steps_are_drawn_from_the_seed():
         FaultSpec(kind="hang", step=3, where="inside")
     with pytest.raises(ValueError, match="io_mb_s"):
         FaultSpec(kind="slow_io", step=3, io_mb_s=-1)
+
+
+def test_a_peer_failure_wrapped_by_the_pipeline_is_still_a_peer_failure():
+    """torch's pipelining re-raises a broken gloo p2p as RuntimeError("[Stage 0] failed to run forward ...") from
+    the gloo error: the cause chain is read, so the rank is not blamed for its dead peer."""
+    from experiments.trainer import peer_failure
+
+    try:
+        try:
+            raise RuntimeError("[/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")
+        except RuntimeError as inner:
+            raise RuntimeError("[Stage 0] failed to run forward: args=('Tensor(...)',)") from inner
+    except RuntimeError as e:
+        assert peer_failure(e)
+    loop = ValueError("bad shape")
+    loop.__context__ = loop  # a cycle ends the walk
+    assert not peer_failure(loop)
