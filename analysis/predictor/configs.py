@@ -145,7 +145,7 @@ def techniques_from_config(cfg: dict) -> Mapped:
         raise ValueError(f"run config lacks {missing}; the predictor reads the sections the trainer builds")
     comm, fault = cfg["comm"], cfg["fault"]
     precision = typed(cfg["precision"], Precision, "precision")
-    return techniques_from_configs(
+    mapped = techniques_from_configs(
         fusion=typed(cfg["fusion"], FusionConfig, "fusion"),
         splitting=typed(cfg["splitting"], SplittingConfig, "splitting"), precision=precision,
         engine=_engine_config(cfg["engine"]), algorithm=typed(comm.get("algorithm"), AlgorithmConfig, "comm.algorithm"),
@@ -153,6 +153,13 @@ def techniques_from_config(cfg: dict) -> Mapped:
         bucket=typed(comm.get("bucket"), BucketConfig, "comm.bucket"),
         checkpoint=typed(fault.get("checkpoint"), CheckpointConfig, "fault.checkpoint"),
         link=typed(comm.get("link"), LinkConfig, "comm.link"))
+    par = cfg.get("parallel") or {}
+    if par.get("tp", 1) > 1 or par.get("pp", 1) > 1:  # the techniques map; the layout is the predictor's own flags
+        mapped.notes.append(f"this run's layout (tp={par.get('tp', 1)}, pp={par.get('pp', 1)}) is not applied here: "
+                            "the column is the data-parallel (ZeRO-2) 1024-GPU setup; predict the layout with "
+                            f"python -m analysis.predictor --tp {par.get('tp', 1)} --pp {par.get('pp', 1)}"
+                            + (" --schedule ..." if par.get("pp", 1) > 1 else ""))
+    return mapped
 
 
 def model_from_config(cfg: dict) -> ModelShape:
