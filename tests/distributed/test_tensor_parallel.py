@@ -4,7 +4,8 @@ full gradient, the clipped global gradient norm, parameter names, the gathered s
 
 One gloo job per world size runs every variant (spawning costs seconds, the checks milliseconds):
 2 ranks (tp=2): plain, sequence parallel with sdpa and counted operator slots, sequence parallel with every layer
-recomputed (torch.utils.checkpoint), and the refusals that need a mesh; 4 ranks: tp=2 x dp=2, with and without SP.
+recomputed (torch.utils.checkpoint), and the refusals that need a mesh; 4 ranks: tp=2 x dp=2 without and with SP
+(gradients all-reduced over the dp dim, as the DDP engine does), and tp=2 x FSDP2 over dp (2-D DTensors).
 """
 from __future__ import annotations
 
