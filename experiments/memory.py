@@ -80,7 +80,8 @@ def _model_parallel_activations(acts: dict[str, float], *, n_layers: int, tp: in
     count as sbh (10 + 24/t). With it the norms are split by sequence too, but DTensor's colwise linears save the
     all-gathered input they multiply (Megatron re-gathers it in backward instead), about half a norm's bytes each:
     per layer layer / t + 2 x norm/2 x (1 - 1/t). A pipeline stage holds L/pp layers for each micro-batch in flight;
-    the first stage (embedding, in_flight micro-batches) or the last (final norm and loss, one) is the larger."""
+    the first stage (embedding, in_flight micro-batches) or the last (final norm and loss, one) is the larger.
+    The loss keeps 1/t of the logits (vocabulary-parallel)."""
     norm = acts["final_norm"]  # one RMSNorm's saved bytes, as each layer's two norms save
     per_layer = acts["layers"] / n_layers
     if sp:
@@ -88,12 +89,19 @@ def _model_parallel_activations(acts: dict[str, float], *, n_layers: int, tp: in
     else:
         per_layer_rank = 2 * norm + (per_layer - 2 * norm) / tp
     layers = (n_layers * per_layer_rank + acts["autocast_weights"] / tp) / pp
+    # The loss is vocabulary-parallel (comm/parallel/tensor.py): each rank keeps its V/t columns of the logits.
+    head = acts["final_norm"] / (tp if sp else 1) + acts["loss"] / tp
+    if pp == 1:  # one stage holds everything
+        out = dict(acts, layers=layers, autocast_weights=0.0, final_norm=head - acts["loss"] / tp,
+                   loss=acts["loss"] / tp, transient=acts["transient"] / tp)
+        out["total"] = layers + acts["embedding"] + head
+        return out
     first = in_flight * (layers + acts["embedding"])
-    last = layers + (acts["final_norm"] + acts["loss"]) / (tp if sp else 1)
+    last = layers + head
     out = dict(acts, layers=layers * (in_flight if first >= last else 1), autocast_weights=0.0,
                embedding=acts["embedding"] * in_flight if first >= last else 0.0,
-               final_norm=0.0 if first >= last else acts["final_norm"],
-               loss=0.0 if first >= last else acts["loss"], transient=acts["transient"] / tp)
+               final_norm=0.0 if first >= last else head - acts["loss"] / tp,
+               loss=0.0 if first >= last else acts["loss"] / tp, transient=acts["transient"] / tp)
     out["total"] = max(first, last)
     return out
 
