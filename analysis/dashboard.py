@@ -137,10 +137,10 @@ def sections() -> list[tuple[str, list]]:
             _line("pipeline: step and p2p wait, s", ["pp/step_s", "pp/p2p_wait_s"]),
             _note("""
                 tp/ keys: runs with `parallel.tp>1` (DTensor's collectives, timed from launch to wait: on a CPU
-                nearly all exposed). pp/ keys: runs with `parallel.pp>1`. Measured = idle / step per pipeline rank, averaged (idle = the
-                step minus the rank's own stage compute). Simulated = torch's action lists for the schedule
-                list-scheduled at equal forward, input- and weight-gradient times; formula = the schedule's paper
-                form (comm/parallel/pipeline.py)."""),
+                nearly all exposed). pp/ keys: runs with `parallel.pp>1`. Measured = idle / step per pipeline
+                rank, averaged (idle = the step minus the rank's own stage compute). Simulated = torch's action
+                lists for the schedule list-scheduled at equal forward, input- and weight-gradient times; formula
+                = the schedule's paper form (comm/parallel/pipeline.py)."""),
         ]),
         ("Precision and learning", [
             _line("loss scale (fp16; 1.0 without a scaler)", ["precision/loss_scale"], log_y=True),

@@ -612,8 +612,8 @@ class CheckpointManager:
             if p.is_file() and name not in files:
                 files[name] = {"bytes": p.stat().st_size, "sha256": save_io.sha256(p)}
         manifest = {"format": FORMAT, "step": step, "world_size": self.world_size,
-                    "dp_of_rank": self.dp_of_rank, "fingerprint": self.fingerprint, "time": time.time(), "torch": torch.__version__,
-                    "files": dict(sorted(files.items()))}
+                    "dp_of_rank": self.dp_of_rank, "fingerprint": self.fingerprint, "time": time.time(),
+                    "torch": torch.__version__, "files": dict(sorted(files.items()))}
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         _fsync_dir(tmp)
         os.rename(tmp, final)  # the commit: step_N appears complete, or not at all
