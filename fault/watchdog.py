@@ -272,7 +272,8 @@ def _waits_for(live: dict[int, dict]) -> dict[int, dict | None]:
             # NCCL with timing records when a collective started on the device: a rank that enqueued it but never
             # started it (its GPU is stuck before it) is missing too.
             started = all(o["started"] >= 0 for o in members.values())
-            missing = sorted(m for m, o in members.items() if m != r and (o["started"] if started else o["enqueued"]) < seq)
+            missing = sorted(m for m, o in members.items()
+                             if m != r and (o["started"] if started else o["enqueued"]) < seq)
             if not missing:
                 continue
             pending = g.get("pending") or {}
@@ -593,10 +594,10 @@ class Watchdog:
         """A window is slow for a rank when its compute is ``straggler_factor`` times the other ranks' median, or
         when its ratio to the others grew by that factor over its own earlier windows and it is now clearly the
         slower (a rank that was a little faster or slower than the rest all along keeps its ratio; a rank that
-        became slower does not, whatever its starting point). Both ratios compare ranks within one window, so a slowdown of the whole job is not a
-        straggler. The first criterion must also beat the run's own noise: exp(2x the median |log| change of a rank's
-        ratio between consecutive windows), which on a quiet GPU cluster is a few percent and leaves the factor in
-        charge."""
+        became slower does not, whatever its starting point). Both ratios compare ranks within one window, so a
+        slowdown of the whole job is not a straggler. The first criterion must also beat the run's own noise:
+        exp(2x the median |log| change of a rank's ratio between consecutive windows), which on a quiet GPU cluster
+        is a few percent and leaves the factor in charge."""
         ratios = {}
         role = {r: pipeline_stage(beats.get(r, {})) for r in times}
         for rank, t in times.items():
