@@ -198,8 +198,8 @@ def test_option_composes_and_validates(group: str, option: str):
     own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     own.pop("defaults", None)
     package = option_package(path, group)
-    if "hydra" in own:  # a preset's sweep settings: only in a composition that returns the hydra node
-        cfg = compose_option(group, option, with_hydra=True)
+    if "hydra" in own or group.startswith("hydra/"):  # sweep settings, or a Hydra plugin's own option
+        cfg = compose_option(group, option, with_hydra=True)  # (conf/hydra/sweeper): only with the hydra node
     node = OmegaConf.select(cfg, package) if package else cfg
     assert node is not None, f"{group}={option}: nothing at package {package!r}"
     composed = leaves(OmegaConf.to_container(node, resolve=False))
