@@ -132,8 +132,11 @@ def test_four_ranks_async_checkpoints_resume_bit_exact(tmp_path):
     assert proc.returncode == 0 and report["completed"], proc.stdout[-3000:]
     assert report["loss"]["bit_exact"], report["loss"]
     f = only_fault(report)
-    assert f["resumed_from_step"] == 6 and f["target_rank"] == 2
     events = read_jsonl(out / "faulty" / "events.jsonl")
+    # Resumed from the newest checkpoint the first attempt committed: step 6 when its async write finished before
+    # the kill at step 8 (a quiet host), step 3 when it was still in flight (seen under load).
+    committed = [e["step"] for e in events if e["kind"] == "checkpoint_commit" and e["restart"] == 0]
+    assert committed and f["resumed_from_step"] == max(committed) and f["target_rank"] == 2, (committed, f)
     assert all(e["block_s"] < e["write_s"] for e in events if e["kind"] == "checkpoint_commit")
 
 
