@@ -116,33 +116,22 @@ def test_multi_stage_schedules_train_like_one_process(tmp_path, schedule, pipe_r
 
 @pytest.mark.slow
 def test_tp2_x_pp2_checkpoint_resumes_under_other_layouts(tmp_path):
-    """Written by tp=2 x pp=2 on 4 ranks at step 3, read by pp=2, tp=2 and one process: the loss continues as the
-    uninterrupted run's (each rank reads its own keys of the unsplit names; W_pack stored in [q; k; v] order)."""
-    ckpt = [*PIPE, "fault/checkpoint=sync", "fault.checkpoint.every=3", "train.steps=5"]
-    whole = _train(tmp_path, "whole", *ckpt, "parallel.tp=2", "parallel.pp=2", nproc=4)
-    _train(tmp_path, "cut", *ckpt, "train.steps=3", "parallel.tp=2", "parallel.pp=2", nproc=4)
-    resume = f"fault.checkpoint.resume={tmp_path / 'cut' / 'checkpoints'}"
-    for name, args, nproc in (("pp", ["parallel.pp=2"], 2), ("tp", ["parallel.tp=2"], 2), ("one", [], 0)):
-        resumed = _train(tmp_path, name, *ckpt, resume, *args, nproc=nproc)
-        assert resumed == pytest.approx(whole[3:], abs=1e-4), name
-    # Another data-parallel size cannot take the replicas' data positions: refused, the checkpoint kept.
-    out = run_entry([*COMMON, *ckpt, resume, f"hydra.run.dir={tmp_path / 'dp2'}"], torchrun_nproc=2, timeout=300)
-    assert out.returncode != 0 and "written with 1 data-parallel replicas" in out.stderr
-    assert (tmp_path / "cut" / "checkpoints" / "step_000003").is_dir()
-
-
-@pytest.mark.slow
-def test_with_row_sharded_data_a_tp2_x_pp2_checkpoint_resumes_under_dp4(tmp_path):
-    """data.shard=rows: the global batch does not depend on dp, so tp=2 x pp=2 (dp=1, 8 rows per step) written at
-    step 3 continues under plain dp=4 (2 rows per rank) as the uninterrupted run."""
+    """Written by tp=2 x pp=2 on 4 ranks at step 3, read by pp=2, tp=2, one process and plain dp=4: the loss
+    continues as the uninterrupted run's (each rank reads its own keys of the unsplit names; W_pack stored in
+    [q; k; v] order; data.shard=rows makes the data position global, so dp may change at the same global batch).
+    A dp change with file-sharded data is refused: tests/integration/test_fault_bad_input.py."""
     ckpt = ["data.shard=rows", "model.n_layers=4", "fault/checkpoint=sync", "fault.checkpoint.every=3",
             "train.steps=5"]
-    whole = _train(tmp_path, "whole", *ckpt, "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=8", nproc=4)
-    _train(tmp_path, "cut", *ckpt, "train.steps=3", "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=8",
-           nproc=4)
-    resumed = _train(tmp_path, "dp4", *ckpt, f"fault.checkpoint.resume={tmp_path / 'cut' / 'checkpoints'}",
-                     "train.micro_batch_size=2", nproc=4)
-    assert resumed == pytest.approx(whole[3:], abs=1e-4)
+    layout = ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=8"]
+    whole = _train(tmp_path, "whole", *ckpt, *layout, nproc=4)
+    _train(tmp_path, "cut", *ckpt, *layout, "train.steps=3", nproc=4)
+    resume = f"fault.checkpoint.resume={tmp_path / 'cut' / 'checkpoints'}"
+    for name, args, nproc in (("pp", ["parallel.pp=2", "train.micro_batch_size=8"], 2),
+                              ("tp", ["parallel.tp=2", "train.micro_batch_size=8"], 2),
+                              ("one", ["train.micro_batch_size=8"], 0),
+                              ("dp4", ["train.micro_batch_size=2"], 4)):
+        resumed = _train(tmp_path, name, *ckpt, resume, *args, nproc=nproc)
+        assert resumed == pytest.approx(whole[3:], abs=1e-4), name
     assert json.loads((tmp_path / "dp4" / "summary.json").read_text())["environment"]["parallel"]["dp"] == 4
 
 
