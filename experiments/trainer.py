@@ -340,8 +340,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     pipe, model = split_pipeline(s, model, layout, device)
     work = measure_work(s, device, info, kernels, layout)
     engine, bucket, topology = build_engine(s, model, device, info, memory, work, layout, pipe)
-    environment = describe(s, device, info, work, model, kernels, tokenizer, engine, bucket, topology, memory)
-    environment["parameters"] = n_params
+    environment = describe(s, device, info, work, n_params, kernels, tokenizer, engine, bucket, topology, memory)
     environment["parallel"] = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp_size,
                                "sequence_parallel": s.parallel.sequence_parallel and layout.tp > 1,
                                **({"schedule": pipe.knobs["schedule"], "virtual_stages": pipe.knobs["virtual_stages"],
@@ -404,13 +403,13 @@ def build_engine(s: Settings, model: torch.nn.Module, device: torch.device, info
     """The collectives (topology, groups, comm hook), the bucket size, then the engine over the model."""
     comm_hook, topology, reduce = None, None, MeasuredCollective("flat all-reduce", flat_all_reduce)
     if info.world_size > 1:  # collectives: every rank discovers and builds the same groups
-        topology = discover_topology(s.topology)
+        topology, link = discover_topology(s.topology), SlowLink(s.link)
         if pipe is None:
-            comm_hook = build_comm_hook(s.algorithm, s.overlap, build_groups(topology), SlowLink(s.link), device)
-        elif SlowLink(s.link).enabled:  # pipeline sends and the dp reduction wait the link where they cross nodes
+            comm_hook = build_comm_hook(s.algorithm, s.overlap, build_groups(topology), link, device)
+        elif link.enabled:  # pipeline sends and the dp reduction wait the link where they cross nodes
             from comm.parallel.pipeline import P2PDelay
 
-            pipe.link_delay = P2PDelay(SlowLink(s.link), topology.node_of_rank, info.rank).install()
+            pipe.link_delay = P2PDelay(link, topology.node_of_rank, info.rank).install()
         if comm_hook:  # the cost model times what training will run
             reduce = MeasuredCollective(f"comm/algorithm={s.algorithm.name}", comm_hook[1].reduce)
     bucket = choose_bucket_bytes(
@@ -428,7 +427,7 @@ def build_engine(s: Settings, model: torch.nn.Module, device: torch.device, info
     return engine, bucket, topology
 
 
-def describe(s: Settings, device: torch.device, info: DistInfo, work: Work, model: torch.nn.Module,
+def describe(s: Settings, device: torch.device, info: DistInfo, work: Work, n_params: int,
              kernels: dict[str, str], tokenizer, engine: Engine, bucket: BucketChoice, topology,
              memory: MemoryEstimate) -> dict[str, Any]:
     """The environment summary.json records."""
@@ -438,7 +437,7 @@ def describe(s: Settings, device: torch.device, info: DistInfo, work: Work, mode
         "peak_tflops": None if peak.flops is None else peak.flops / 1e12, "peak_source": peak.source,
         "peak_method": peak.method, "world_size": info.world_size, "threads_per_rank": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "hostname": socket.gethostname(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": m.name, "parameters": count_parameters(model),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": m.name, "parameters": n_params,
         "matmul_parameters": matmul_params(n_layers=m.n_layers, dim=m.dim, ffn_dim=m.ffn_dim,
                                            vocab_size=m.vocab_size),
         "tokenizer_vocab": tokenizer.vocab_size, "seq_len": t.seq_len, "tokens_per_step": work.tokens_per_step,

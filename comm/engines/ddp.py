@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from comm.engines.engine import EngineInputs, StateBytes, TorchOptimizerEngine
+from comm.engines.engine import EngineInputs, StateBytes, TorchOptimizerEngine, average_grads
 from comm.engines.pipeline import PipelineEngine
 
 # The RoPE tables are the model's only buffers, identical constants: no buffer collective in each forward (which
@@ -65,7 +65,7 @@ class DDPEngine(TorchOptimizerEngine):
         self.device = device
         # Tensor parallelism: DDP is not used. torch 2.13's DDP(device_mesh=...) over DTensor parameters ran, but
         # its gradients came out ~70x too small (gloo, tp=2, even with dp=1; losses still matched under AdamW, which
-        # is scale-free); so the gradients are all-reduced over the dp group after backward (_reduce_dp).
+        # is scale-free); so the gradients are all-reduced over the dp group after backward (average_grads).
         self.dp_group = None if dp_mesh is None or dp_mesh.size() == 1 else dp_mesh.get_group()
         self.dp_size = 1 if dp_mesh is None else dp_mesh.size()
         if self.distributed and dp_mesh is None:
@@ -104,18 +104,10 @@ class DDPEngine(TorchOptimizerEngine):
         wrapped = self.model is not self.raw
         return contextlib.nullcontext() if last or not wrapped else self.model.no_sync()
 
-    def _reduce_dp(self) -> None:
-        """Tensor parallelism: average every gradient (a DTensor's local shard) over the data-parallel group."""
-        for p in self.raw.parameters():
-            if p.grad is not None:
-                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                dist.all_reduce(g, group=self.dp_group)
-                g.div_(self.dp_size)
-
     def step(self) -> dict[str, float]:
         """The shared optimizer step (TorchOptimizerEngine), plus this step's timings from a chuanliu hook."""
-        if self.dp_group is not None:
-            self._reduce_dp()
+        if self.dp_group is not None:  # tensor parallelism: no DDP wrapper, average over dp after backward
+            average_grads(self.raw.parameters(), self.dp_group, self.dp_size)
         stats = self._optimizer_step()
         if self.comm_state is not None:
             stats.update(self.comm_state.step_stats(), **{"comm/bucket_bytes": self.bucket_bytes})

@@ -195,6 +195,19 @@ class TorchOptimizerEngine:
         self.skipped_steps = state["skipped_steps"]
 
 
+def average_grads(params: Iterable[nn.Parameter], group, size: int) -> int:
+    """Average every gradient (a DTensor's local shard) over ``group`` of ``size`` ranks, one all-reduce each;
+    returns the bytes reduced. Used where DDP's buckets cannot be: model-parallel parameters (tp, pipeline stages)."""
+    nbytes = 0
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            dist.all_reduce(g, group=group)
+            g.div_(size)
+            nbytes += g.numel() * g.element_size()
+    return nbytes
+
+
 def parameter_digest(params: dict[str, torch.Tensor]) -> str:
     """sha256 over every parameter's bytes, in name order: equal digests mean bit-identical replicas."""
     h = hashlib.sha256()

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from comm.engines.engine import TorchOptimizerEngine, gather_rank_losses
+from comm.engines.engine import TorchOptimizerEngine, average_grads, gather_rank_losses
 from comm.parallel.pipeline import Pipeline, StageTimer, bubble_summary, measure_step
 from comm.parallel.tensor import clip_grad_norm_
 
@@ -66,20 +66,20 @@ class PipelineEngine(TorchOptimizerEngine):
             self.unhonoured.append("with parallel.pp>1 gradients are all-reduced over the data-parallel group after "
                                    "the pipeline schedule: no DDP buckets or comm hook, no overlap with backward")
         self._bubble: dict[str, float] = {}
-        # Where a NaN/Inf starts: a chunk whose output is non-finite from a finite input (checked until one is
-        # found in the step); gathered with the losses, so check_losses blames the stage, not the replica.
-        self._nan_here = False
+        # Where a NaN/Inf starts: a chunk whose output is non-finite from a finite input. Each chunk forward
+        # keeps that as a device tensor (no host sync on the hot path); it is read only when a loss is non-finite
+        # and gathered with the losses, so check_losses blames the stage, not the replica.
+        self._began_here: list[torch.Tensor] = []
         self.nan_origins: list[bool] | None = None
         for chunk in pipeline.chunks:
             chunk.register_forward_hook(self._watch_nan)
 
     def _watch_nan(self, module, args, output) -> None:
-        if self._nan_here or not isinstance(output, torch.Tensor):
+        if not isinstance(output, torch.Tensor):
             return
         x = args[0] if args else None
-        finite_in = x is None or not x.is_floating_point() or bool(torch.isfinite(x).all())
-        if finite_in and not bool(torch.isfinite(output).all()):
-            self._nan_here = True
+        finite_in = torch.isfinite(x).all() if x is not None and x.is_floating_point() else True
+        self._began_here.append(torch.logical_and(torch.as_tensor(finite_in), ~torch.isfinite(output).all()))
 
     @property
     def module(self) -> nn.Module:
@@ -101,26 +101,18 @@ class PipelineEngine(TorchOptimizerEngine):
                         "pp/step_s": bubble.step_s}
         mean, self.rank_losses = gather_rank_losses(loss.to(self.device), self.distributed)
         if not all(map(math.isfinite, self.rank_losses)):  # only then: one more small all-gather
-            _, flags = gather_rank_losses(torch.tensor(float(self._nan_here), device=self.device), self.distributed)
+            here = float(torch.stack(self._began_here).any()) if self._began_here else 0.0
+            _, flags = gather_rank_losses(torch.tensor(here, device=self.device), self.distributed)
             self.nan_origins = [f > 0 for f in flags]
-        self._nan_here = False
+        self._began_here.clear()
         return mean
-
-    def _reduce_dp(self) -> None:
-        nbytes = 0
-        for p in self.raw.parameters():
-            if p.grad is not None:
-                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                dist.all_reduce(g, group=self.dp_group)
-                g.div_(self.dp_size)
-                nbytes += g.numel() * g.element_size()
-        link = self.pipe.link_delay  # comm/link=slow: the reduction's modelled time on the inter-node link
-        if link is not None:
-            link.link.wait(link.all_reduce_s(nbytes, dist.get_process_group_ranks(self.dp_group)))
 
     def step(self) -> dict[str, float]:
         if self.dp_group is not None:
-            self._reduce_dp()
+            nbytes = average_grads(self.raw.parameters(), self.dp_group, self.dp_size)
+            link = self.pipe.link_delay  # comm/link=slow: the reduction's modelled time on the inter-node link
+            if link is not None:
+                link.link.wait(link.all_reduce_s(nbytes, dist.get_process_group_ranks(self.dp_group)))
         stats = self._optimizer_step()
         stats.update(self._bubble, **{"pp/bubble_simulated": self.theory["simulated"],
                                       "pp/bubble_formula": self.theory["formula"]})
