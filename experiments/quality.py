@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from analysis.quality import DEFAULT_MARGIN, DEFAULT_MIN_RATE, DocLoss, compare, to_json, to_markdown
 from experiments.config import typed
-from fault.checkpoint import FORMAT, MANIFEST, SafeReader, file_sha256, newest_committed
+from fault import safe_load
+from fault.checkpoint import file_sha256, newest_committed, verify_checkpoint
 from systems.corpus import HELDOUT_SEED, heldout_documents
 from systems.data import DataConfig
 from systems.model import ModelConfig, build_model
@@ -55,18 +56,12 @@ class RunCheckpoint:
 
 
 def _verify(ckpt: Path) -> int:
-    """Check a committed checkpoint against its manifest (format, sizes, sha256); return its step."""
+    """Check a committed checkpoint as a resume does (fault.checkpoint.verify_checkpoint: confined to its directory,
+    every file listed and hashed, nothing that could run code); return its step."""
     try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"format is {manifest.get('format')!r}, not {FORMAT}")
-        for name, info in manifest["files"].items():
-            f = ckpt / name
-            if not f.is_file() or f.stat().st_size != info["bytes"] or file_sha256(f) != info["sha256"]:
-                raise ValueError(f"{name} is missing or does not match the manifest")
-        return int(manifest["step"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise QualityError(f"checkpoint {ckpt} fails verification ({e}); pick another one with --step") from None
+        return int(verify_checkpoint(ckpt)["step"])
+    except (safe_load.Refused, OSError, ValueError) as e:
+        raise QualityError(f"checkpoint {ckpt} is refused ({e}); pick another one with --step") from None
 
 
 def _pick_checkpoint(run: Path, step: int | None) -> Path:
@@ -118,10 +113,16 @@ def load_model(run: RunCheckpoint) -> torch.nn.Module:
     """The run's model in fp32 on the CPU, in eval mode, with the checkpoint's weights (no optimizer state)."""
     model = build_model(run.model)
     state = get_model_state_dict(model)
-    # A partial load: DCP reads only the "model" entries; the checkpoint's "optim" entries stay on disk.
+    # A partial load: DCP reads only the "model" entries; the checkpoint's "optim" entries stay on disk. Only the
+    # files _verify hashed are opened, bytes items are read weights_only, a weight stored as an object is refused.
+    allowed = set(json.loads(safe_load.read_manifest(run.checkpoint))["files"])
     with warnings.catch_warnings():  # DCP warns that there is no process group; one process is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load({"model": state}, storage_reader=SafeReader(run.checkpoint), no_dist=True)
+        try:
+            safe_load.load({"model": state}, run.checkpoint, allowed=allowed, no_dist=True)
+        except (CheckpointException, safe_load.Refused, RuntimeError, ValueError) as e:  # CheckpointException: a
+            raise QualityError(f"checkpoint {run.checkpoint} is refused ({str(e).splitlines()[0][:300]}); pick "
+                               "another one with --step") from None  # BaseException, raised by DCP's load
     set_model_state_dict(model, state)
     return model.float().eval()
 

@@ -9,6 +9,7 @@ The loop never branches on config strings: every choice was made while building.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
 from analysis.flops import Recompute, flops_per_token, matmul_params
@@ -47,7 +49,7 @@ from experiments.config import ConfigError, plain, typed
 from experiments.dist import DistInfo, dist_info
 from experiments.memory import MemoryEstimate, check_fits, estimate_memory, pipeline_in_flight
 from fault.chaos import Chaos, ChaosConfig
-from fault.checkpoint import CheckpointConfig, CheckpointManager, Loaded, rng_state, set_rng_state
+from fault.checkpoint import CheckpointConfig, CheckpointManager, Loaded, SaveFailed, rng_state, set_rng_state
 from fault.events import EventLog, restart_count
 from fault.watchdog import ComputeTimer, FaultDetected, Watchdog, WatchdogConfig, check_losses, install_stop_handler
 from systems import capabilities
@@ -523,7 +525,11 @@ def start(run: Run, s: Settings) -> None:
     """Resume from the newest valid checkpoint (the engine's state dict is made only if there is one; an engine with
     its own format, DeepSpeed, reads it inside the committed directory), then arm chaos on the model and the
     launcher's stop signal, and record the start."""
-    loaded = run.checkpoint.load(run.engine.sharded_state, native=getattr(run.engine, "native_load", None))
+    native = getattr(run.engine, "native_load", None)
+    if native is not None:  # DeepSpeed's own files: weights_only with its allow-list, or its full unpickler if trusted
+        native = functools.partial(native, trust_pickle=s.checkpoint.trust_pickle)
+    native_check = None if s.checkpoint.trust_pickle else getattr(run.engine, "native_check", None)
+    loaded = run.checkpoint.load(run.engine.sharded_state, native=native, native_check=native_check)
     if loaded is not None:
         resume(run, loaded.sharded, loaded)
     run.chaos.attach(run.engine.module)
@@ -551,15 +557,33 @@ def resume(run: Run, state: dict[str, Any], loaded: Loaded) -> None:
 
 
 def save_checkpoint(run: Run, step: int) -> float | None:
-    """Save when due; returns the seconds training was blocked (None when no save was due)."""
+    """Save when due; returns the seconds training was blocked (None when no save was due). A save that committed
+    nothing (a full disk, an I/O error) is recorded and training goes on: the next save tries again, and a job that
+    died here would only restart into the same full disk."""
     if not run.checkpoint.due(step, run.train.steps):
         return None
     run.watchdog.beat(step, "checkpoint")
     per_rank = {"step": step, "engine": run.engine.local_state(), "loader": run.loader.state_dict(),
                 "rng": rng_state()}
-    return run.checkpoint.save(step, sharded=run.engine.sharded_state(), per_rank=per_rank,
-                               before_commit=run.chaos.before_commit(step),
-                               native=getattr(run.engine, "native_save", None), throttle=run.chaos.io_throttle(step))
+    t0 = time.perf_counter()
+    with record_failed_save(run, step):
+        return run.checkpoint.save(step, sharded=run.engine.sharded_state(), per_rank=per_rank,
+                                   before_commit=run.chaos.before_commit(step),
+                                   native=getattr(run.engine, "native_save", None),
+                                   throttle=run.chaos.io_throttle(step))
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def record_failed_save(run: Run, step: int) -> Iterator[None]:
+    """A SaveFailed (raised on every rank alike) becomes a ``checkpoint_failed`` event and one error line."""
+    try:
+        yield
+    except SaveFailed as e:
+        failed = e.step if e.step is not None else step
+        log.error("checkpoint step %d failed, training goes on (the next save tries again): %s", failed, e)
+        if run.info.is_main:
+            run.events.emit("checkpoint_failed", durable=True, step=failed, at_step=step, detail=str(e)[:500])
 
 
 def micro_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -608,7 +632,8 @@ def train_loop(run: Run) -> dict[str, Any]:
             run.events.emit("step_done", step=step)  # the first step of this process: recovery is complete
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     bar.close()
-    run.checkpoint.wait()
+    with record_failed_save(run, run.train.steps):
+        run.checkpoint.wait()
     run.watchdog.stop()
     summary = run.metrics.summary(run.environment)
     digests = replica_digests(run.engine)
@@ -667,7 +692,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         summary = train_loop(run)
     except FaultDetected:
         raise  # its detector logged the event; the launcher restarts the job
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         # A peer that died breaks the collective this rank was in; anything else is this rank's own failure.
         peer = peer_failure(e)
         dead = run.watchdog.unresponsive_ranks() if peer else []

@@ -22,6 +22,11 @@ Decisions, and why:
   master weights, the lr schedule, step counters) is written by ``native_save(dir)`` into the checkpoint directory
   that ``fault.checkpoint`` commits, and read back by ``native_load(dir)``; ``sharded_state`` adds the whole
   weights for torch.distributed.checkpoint, a portable copy that other tools can read without DeepSpeed.
+- Safe resume. DeepSpeed reads its files with ``torch.load(weights_only=False)``, so a tampered checkpoint would run
+  code at resume. ``native_check`` first reads only each file's pickle and refuses any class beyond
+  ``DEEPSPEED_SAFE_GLOBALS`` (what DeepSpeed's own ZeRO 0-3 checkpoints hold); ``native_load`` then swaps the
+  checkpoint engine's reader for ``torch.load(weights_only=True)`` with that allow-list. ``trust_pickle=True``
+  (``fault.checkpoint.trust_pickle``) restores DeepSpeed's full unpickler, for trusted checkpoints only.
 - Start-up. DeepSpeed's communication backend JIT-builds its shared-memory all-reduce op in every process (about
   18 s cold). That op serves only ``inference_all_reduce`` (tensor-parallel inference layers); ZeRO training never
   calls it, so by default (``shm_comm=false``) we mark it unavailable and skip the build. With ``shm_comm=true`` the
@@ -31,9 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+import pickle
+import stat
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +55,18 @@ from comm.engines.engine import EngineInputs, StateBytes, gather_rank_losses
 NATIVE_DIR = "deepspeed"  # DeepSpeed's own checkpoint, inside a fault.checkpoint step directory
 NATIVE_TAG = "state"
 _SHM_OP = "deepspeed_shm_comm"
+
+# Every class DeepSpeed 0.19.8 pickles into the checkpoints native_save writes, beyond what torch's weights_only
+# unpickler allows already (tensors, OrderedDict, plain types); found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints in fp32 and bf16. Named as strings
+# because deepspeed is optional: importing this module must not import it.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # ZeRO 1-3 optimizers save their (static) loss scaler object
+    "deepspeed.runtime.zero.config.ZeroStageEnum",  # ZeRO 1-3 optimizer states record their stage as this enum
+    "deepspeed.utils.tensor_fragment.fragment_address",  # ZeRO 1/2: each parameter's slice of the flat partition
+)
+_TRUST_HINT = ("if you trust this checkpoint (you or someone you trust wrote it), fault.checkpoint.trust_pickle=true "
+               "loads it with DeepSpeed's full unpickler")
 
 
 def _cache_dir() -> Path:
@@ -74,6 +94,74 @@ def deep_merge(base: Mapping, extra: Mapping) -> dict:
         out[k] = deep_merge(out.get(k, {}) if isinstance(out.get(k), Mapping) else {}, v) \
             if isinstance(v, Mapping) else v
     return out
+
+
+def _safe_classes() -> list[type]:
+    """DEEPSPEED_SAFE_GLOBALS as the classes themselves (what torch.serialization.safe_globals takes)."""
+    out = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        out.append(getattr(importlib.import_module(module), attr))
+    return out
+
+
+def check_native_files(path: Path) -> None:
+    """Refuse DeepSpeed's files under ``path/deepspeed`` if one is not a regular file or its pickle names a class
+    beyond DEEPSPEED_SAFE_GLOBALS. Reads only each file's pickle (no tensors), so it is cheap before a load."""
+    root = Path(path) / NATIVE_DIR
+    if not root.is_dir() and not root.is_symlink():
+        raise ValueError(f"checkpoint {path} holds no DeepSpeed state ({root} is missing)")
+    entries = [root] + [Path(top) / name for top, dirs, files in os.walk(root) for name in dirs + files]
+    for f in sorted(entries):
+        mode = f.lstat().st_mode
+        if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            # A link could point DeepSpeed's reader at a file outside the checkpoint, which was never checked.
+            raise ValueError(f"refusing DeepSpeed checkpoint file {f}: it is a symlink or not a regular file; "
+                             "native_save never writes one, so the checkpoint was altered")
+        if stat.S_ISDIR(mode) or (f.parent == root and f.suffix == ".py"):
+            continue  # zero_to_fp32.py and the like: DeepSpeed's offline recovery scripts, never read by a load
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+        except (ValueError, RuntimeError) as e:  # not a torch.save zip: its pickle cannot be read on its own
+            raise ValueError(f"refusing DeepSpeed checkpoint file {f}: it is not a torch.save zip file ({e}), so "
+                             f"its contents cannot be checked before unpickling; {_TRUST_HINT}") from None
+        disallowed = sorted(set(unsafe) - set(DEEPSPEED_SAFE_GLOBALS))
+        if disallowed:
+            raise ValueError(f"refusing DeepSpeed checkpoint file {f}: it names {', '.join(disallowed)}, beyond the "
+                             "classes DeepSpeed's own checkpoints hold; loading it would unpickle arbitrary objects, "
+                             f"which can run code; {_TRUST_HINT}")
+
+
+@contextlib.contextmanager
+def weights_only_reads(checkpoint_engine) -> Iterator[None]:
+    """Within the block, ``checkpoint_engine.load`` (every file DeepSpeed's load_checkpoint reads) unpickles with
+    ``weights_only=True`` and DEEPSPEED_SAFE_GLOBALS instead of DeepSpeed's ``weights_only=False``."""
+    classes = _safe_classes()
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(classes):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's message is a paragraph of advice; the line that names the culprit is the one worth keeping.
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            why = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0])
+            why = why.split(". Please use")[0]  # torch then suggests allow-listing it, the opposite of our advice
+            raise ValueError(f"refusing DeepSpeed checkpoint file {path}: weights_only unpickling refused it "
+                             f"({why[:300]}); loading it fully would unpickle arbitrary objects, which can run "
+                             f"code; {_TRUST_HINT}") from None
+
+    # An instance attribute shadows the class's method for this engine only, and is removed afterwards. Torch,
+    # Fast and Decoupled checkpoint engines all read a path with torch.load, so this reader is theirs made safe.
+    before = vars(checkpoint_engine).get("load")
+    checkpoint_engine.load = load
+    try:
+        yield
+    finally:
+        if before is None:
+            del checkpoint_engine.load
+        else:
+            checkpoint_engine.load = before
 
 
 @dataclass(kw_only=True)
@@ -262,15 +350,46 @@ class DeepSpeedEngine:
         """Write DeepSpeed's checkpoint into ``path/deepspeed`` (collective: every rank writes its partitions)."""
         self.engine.save_checkpoint(str(Path(path) / NATIVE_DIR), tag=NATIVE_TAG, save_latest=False)
 
-    def native_load(self, path: Path) -> None:
+    def native_check(self, path: Path) -> None:
+        """Refuse ``path/deepspeed`` if a file in it is a link or special file, or names classes beyond
+        DEEPSPEED_SAFE_GLOBALS (ValueError naming the file and the classes)."""
+        check_native_files(path)
+
+    def native_load(self, path: Path, trust_pickle: bool = False) -> None:
+        """Restore DeepSpeed's checkpoint from ``path/deepspeed`` (collective). Unless ``trust_pickle``, its files
+        are checked by native_check and unpickled with ``weights_only=True`` and DEEPSPEED_SAFE_GLOBALS."""
         d = Path(path) / NATIVE_DIR
         if not (d / NATIVE_TAG).is_dir():
             raise ValueError(f"checkpoint {path} holds no DeepSpeed state ({d / NATIVE_TAG} is missing): it was "
                              "written by another engine; resume it with that engine, or start fresh")
-        loaded, _ = self.engine.load_checkpoint(str(d), tag=NATIVE_TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+        guard = contextlib.nullcontext()
+        if not trust_pickle:
+            self._check_safe_readers()
+            self.native_check(path)  # the clear refusal; the weights_only reads below are what guarantees it
+            guard = weights_only_reads(self.engine.checkpoint_engine)
+        with guard:
+            loaded, _ = self.engine.load_checkpoint(str(d), tag=NATIVE_TAG, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
         if loaded is None:
             raise ValueError(f"DeepSpeed could not load its checkpoint from {d}")
+
+    def _check_safe_readers(self) -> None:
+        """Refuse the DeepSpeed settings whose loads bypass the checkpoint engine's reader (which
+        weights_only_reads makes safe): they would unpickle with weights_only=False behind our back."""
+        from deepspeed.runtime.checkpoint_engine.decoupled_checkpoint_engine import DecoupledCheckpointEngine
+        from deepspeed.runtime.checkpoint_engine.fast_checkpoint_engine import FastCheckpointEngine
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        # Universal checkpoints: ZeRO's _load_universal_checkpoint and deepspeed/checkpoint call torch.load
+        # themselves. (ZeRO-3 without optimizer states would too, via zero_to_fp32; native_load always loads them.)
+        if self.engine.load_universal_checkpoint():
+            raise ValueError("DeepSpeed's checkpoint.load_universal reads files with its own full unpickler, which "
+                             f"native_load cannot restrict; turn it off in the DeepSpeed JSON, or {_TRUST_HINT}")
+        ce = self.engine.checkpoint_engine
+        if not isinstance(ce, (TorchCheckpointEngine, FastCheckpointEngine, DecoupledCheckpointEngine)):
+            raise ValueError(f"DeepSpeed's {type(ce).__name__} reads checkpoints its own way, which native_load "
+                             f"cannot restrict to weights_only; use DeepSpeed's default checkpoint engine, or "
+                             f"{_TRUST_HINT}")
 
     def local_state(self) -> dict[str, Any]:
         return {}  # the schedule and the step counters travel in DeepSpeed's checkpoint
