@@ -754,7 +754,9 @@ class CheckpointManager:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
-            if self._lease is not None:
+            if self._lease is not None:  # rank 0: this job's failed saves' leftovers go with its lease
+                for tmp in self.dir.glob(f".tmp-step_*.{self.job.tag}"):
+                    shutil.rmtree(tmp, ignore_errors=True)
                 self._lease.release()
 
     # ---- load -----------------------------------------------------------------------------------------------

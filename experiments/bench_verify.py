@@ -1,0 +1,305 @@
+"""Checkpoint verification at load: rank 0 hashing every file (serial) against every rank hashing a fair share.
+
+    python -m experiments.bench_verify --gb 10 --ranks 4 --repeats 3 --out docs/benchmarks/verify_<date>.json
+
+A real checkpoint of about ``--gb`` GB (1 GB = 1e9 bytes) is written by the project's own writer
+(``CheckpointManager.save``, mode sync) from ``--ranks`` gloo processes, each holding its own model/optimizer-like
+tensors (one ``__<r>_0.distcp`` of gb/ranks per rank). It is written as one data-parallel replica over the ranks
+(``dp_of_rank=[0]*ranks``, a tensor-parallel-like layout) so that 1, 2 and ``--ranks`` ranks may all verify it
+(a checkpoint of dp=4 refuses a 1-rank reader: ``_check_compatible``).
+
+Then, with the page cache warm (every file hashed once first; ``fincore`` says how much is resident), in rounds
+(each variant once per round, a fresh job each time, so drifts of the host's speed hit every variant alike):
+- ``serial``: one process, world 1, ``CheckpointManager._verify_everywhere``: rank 0 hashes every file (the old
+  serial check, plus the new structural checks);
+- ``old_loop``: the check before the change, for reference: ``file_sha256`` of every manifest file, one process;
+- ``dist<N>``: N gloo processes, each calling ``_verify_everywhere`` after a barrier; wall time from the barrier to
+  the last rank done (all on one host: one clock);
+- ``dist<N>_1core``: the same with every rank pinned to one core: if verification is CPU-bound (hashing), this
+  takes about as long as ``serial``.
+Inside every rank a ``Progress`` records the first and last hashed chunk, which gives each rank's own hash rate.
+On one host the speed-up is bounded by min(ranks, cores, the storage's parallel read rate / one stream's rate).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GB = 1e9
+BLOCK = 1 << 16  # elements of the small block every tensor is filled with (no minutes of RNG)
+TENSOR = 1 << 26  # elements per tensor (256 MiB of fp32)
+FINGERPRINT = {"bench": "verify"}
+
+
+# ---- workers (spawned: module-level, picklable) ---------------------------------------------------------------------
+def _init(rank: int, world: int, port: int, cpus: list[int] | None) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800))
+
+
+def _state(rank: int, nbytes: int) -> dict:
+    """A model/optimizer-like state dict of fp32 tensors, this rank's own keys, about ``nbytes`` in all."""
+    numel = nbytes // 4 // BLOCK * BLOCK
+    block = torch.arange(BLOCK, dtype=torch.float32) * (rank + 1) / BLOCK
+    kinds = ("weight", "exp_avg", "exp_avg_sq")
+    model, optim, i = {}, {}, 0
+    while numel > 0:
+        n = min(TENSOR, numel)
+        t = torch.empty(n)
+        t.view(-1, BLOCK).copy_(block + i)  # broadcast: memory bandwidth, not RNG
+        kind = kinds[i % 3]
+        (model if kind == "weight" else optim)[f"rank{rank}.layers.{i // 3}.{kind}"] = t
+        numel -= n
+        i += 1
+    return {"model": model, "optim": {"state": optim, "param_groups": [{"lr": 3e-4, "betas": [0.9, 0.95]}]}}
+
+
+def _write_worker(rank: int, world: int, port: int, ckpt_dir: str, nbytes: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from fault.checkpoint import CheckpointConfig, CheckpointManager, rng_state
+
+    _init(rank, world, port, None)
+    t0 = time.perf_counter()
+    sharded = _state(rank, nbytes)
+    fill_s = time.perf_counter() - t0
+    mgr = CheckpointManager(CheckpointConfig(mode="sync", dir=ckpt_dir), run_dir=Path(ckpt_dir), rank=rank,
+                            world_size=world, fingerprint=FINGERPRINT, dp_of_rank=[0] * world,
+                            job="bench-verify-write")
+    if world > 1:
+        dist.barrier()
+    t1 = time.perf_counter()
+    mgr.save(1, sharded=sharded, per_rank={"rank": rank, "step": 1, "rng": rng_state()})
+    save_s = time.perf_counter() - t1
+    mgr.close()
+    Path(out, f"write-rank{rank}.json").write_text(json.dumps({"fill_s": fill_s, "save_s": save_s}))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _verify_worker(rank: int, world: int, port: int, ckpt_dir: str, variant: str, cpus: list[int] | None,
+                   out: str) -> None:
+    import torch.distributed as dist
+
+    from fault.checkpoint import CheckpointConfig, CheckpointManager, file_sha256, newest_committed
+    from fault.progress import Progress
+
+    class Timed(Progress):  # the trainer passes the watchdog's Progress; this one also notes when hashing ran
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = self.last = None
+
+        def io(self, nbytes: int, what: str) -> None:
+            now = time.perf_counter()
+            self.first = now if self.first is None else self.first
+            self.last = now
+            super().io(nbytes, what)
+
+    _init(rank, world, port, cpus)
+    rec = Timed()
+    mgr = CheckpointManager(CheckpointConfig(mode="sync", dir=ckpt_dir), run_dir=Path(ckpt_dir), rank=rank,
+                            world_size=world, fingerprint=FINGERPRINT, progress=rec, dp_of_rank=[0] * world,
+                            job=f"bench-verify-{variant}")
+    path = newest_committed(Path(ckpt_dir))[0]
+    if world > 1:
+        dist.barrier()
+    start, p0 = time.time(), time.perf_counter()
+    reason, manifest, _ = mgr._verify_everywhere(path, None)
+    p1 = time.perf_counter()
+    end = time.time()
+    if reason is not None:
+        raise RuntimeError(f"verification refused {path}: {reason}")
+    row = {"rank": rank, "start": start, "end": end, "wall_s": p1 - p0, "hashed_bytes": rec.io_bytes,
+           "hash_s": (rec.last - rec.first) if rec.first is not None else 0.0,
+           "before_hash_s": (rec.first - p0) if rec.first is not None else None,
+           "cpus": sorted(os.sched_getaffinity(0))}
+    if variant == "serial":  # the check before the change, in the same process: every file, one after another
+        q0 = time.perf_counter()
+        for name, info in manifest["files"].items():
+            if file_sha256(path / name) != info["sha256"]:
+                raise RuntimeError(f"{name} fails its sha256 check")
+        row["old_loop_s"] = time.perf_counter() - q0
+    mgr.close()
+    Path(out, f"{variant}-rank{rank}.json").write_text(json.dumps(row))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# ---- the driver -----------------------------------------------------------------------------------------------------
+def _run(fn, world: int, args: tuple, timeout_s: float) -> None:
+    from tests.helpers import free_port, spawn
+
+    spawn(fn, (world, free_port(), *args), nprocs=world, timeout_s=timeout_s)
+
+
+def _lscpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _sha256_rate(nbytes: int = 1 << 30) -> float:
+    buf = bytes(nbytes)
+    t0 = time.perf_counter()
+    hashlib.sha256(buf).digest()
+    return nbytes / (time.perf_counter() - t0)
+
+
+def _resident(files: list[Path]) -> int | None:
+    try:
+        out = subprocess.run(["fincore", "-b", "-n", "-r", "-o", "RES", *map(str, files)], capture_output=True,
+                             text=True, check=True).stdout
+        return sum(int(x) for x in out.split())
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return None
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gb", type=float, default=10.0, help="checkpoint size, GB (1e9 bytes)")
+    p.add_argument("--ranks", type=int, default=4, help="ranks that write the checkpoint and verify it")
+    p.add_argument("--scaling", type=int, nargs="*", default=[2], help="other rank counts to verify with")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; each variant once per round, median reported")
+    p.add_argument("--dir", default="/tmp/bench_verify", help="where the checkpoint is written (deleted at the end)")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint (and reuse one of the same size)")
+    p.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / f"verify_{time.strftime('%Y-%m-%d')}.json"))
+    a = p.parse_args()
+
+    from fault.checkpoint import file_sha256, newest_committed
+
+    root = Path(a.dir)
+    ckpt_dir, results = root / "checkpoints", root / "results"
+    total = int(a.gb * GB)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    reuse = a.keep and bool(newest_committed(ckpt_dir))
+    if not reuse and free < 1.2 * total:
+        sys.exit(f"{root} has {free / GB:.1f} GB free, the checkpoint needs {total / GB:.1f} GB (+20%)")
+    result = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": _lscpu_model(), "cpu_count": os.cpu_count(),
+              "cpus_usable": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+              "torch": torch.__version__, "command": " ".join(["python -m experiments.bench_verify", *sys.argv[1:]]),
+              "gb": a.gb, "ranks": a.ranks, "repeats": a.repeats, "dir": str(root),
+              "filesystem_free_gb": round(free / GB, 1), "loadavg_start": _loadavg()}
+    print(f"{result['cpu']}, {result['cpu_count']} cores ({result['cpus_usable']} usable), torch {torch.__version__}")
+    try:
+        # ---- write --------------------------------------------------------------------------------------------
+        if reuse:
+            print(f"reusing {newest_committed(ckpt_dir)[0]}")
+        else:
+            shutil.rmtree(root)
+            results.mkdir(parents=True)
+            t0 = time.perf_counter()
+            _run(_write_worker, a.ranks, (str(ckpt_dir), total // a.ranks, str(results)), timeout_s=3600)
+            rows = [json.loads((results / f"write-rank{r}.json").read_text()) for r in range(a.ranks)]
+            result["write"] = {"wall_s": time.perf_counter() - t0, "fill_s_max": max(r["fill_s"] for r in rows),
+                               "save_s_max": max(r["save_s"] for r in rows)}
+            print(f"wrote the checkpoint: {result['write']['wall_s']:.1f} s (save {result['write']['save_s_max']:.1f} "
+                  "s on the slowest rank)", flush=True)
+        results.mkdir(parents=True, exist_ok=True)
+        path = newest_committed(ckpt_dir)[0]
+        manifest = json.loads((path / "manifest.json").read_text())
+        files = {n: i["bytes"] for n, i in manifest["files"].items()}
+        nbytes = sum(files.values())
+        result.update(path=str(path), files=len(files), total_bytes=nbytes,
+                      largest_files=sorted(files.values(), reverse=True)[:a.ranks])
+
+        # ---- page cache warm, one core's sha256 rate --------------------------------------------------------------
+        t0 = time.perf_counter()
+        for n in files:
+            file_sha256(path / n)
+        result["warmup_hash_s"] = time.perf_counter() - t0
+        result["resident_bytes_before"] = _resident([path / n for n in files])
+        result["sha256_one_core_gb_s"] = _sha256_rate() / GB
+        print(f"{len(files)} files, {nbytes / GB:.2f} GB, {(result['resident_bytes_before'] or 0) / GB:.2f} GB resident "
+              f"in the page cache; sha256 on one core {result['sha256_one_core_gb_s']:.2f} GB/s", flush=True)
+
+        # ---- rounds ---------------------------------------------------------------------------------------------
+        one = [sorted(os.sched_getaffinity(0))[0]]
+        variants = [("serial", 1, None), (f"dist{a.ranks}", a.ranks, None),
+                    *[(f"dist{n}", n, None) for n in a.scaling if n != a.ranks],
+                    (f"dist{a.ranks}_1core", a.ranks, one)]
+        runs: dict[str, list[dict]] = {v: [] for v, _, _ in variants}
+        runs["old_loop"] = []
+        for rnd in range(a.repeats):
+            for variant, world, cpus in variants:
+                for f in results.glob(f"{variant}-rank*.json"):
+                    f.unlink()
+                _run(_verify_worker, world, (str(ckpt_dir), variant, cpus, str(results)), timeout_s=900)
+                ranks = [json.loads((results / f"{variant}-rank{r}.json").read_text()) for r in range(world)]
+                run = {"wall_s": max(r["end"] for r in ranks) - min(r["start"] for r in ranks),
+                       "max_rank_wall_s": max(r["wall_s"] for r in ranks),
+                       "per_rank": [{k: r[k] for k in ("hashed_bytes", "hash_s", "before_hash_s", "cpus")}
+                                    | {"hash_gb_s": r["hashed_bytes"] / r["hash_s"] / GB if r["hash_s"] else None}
+                                    for r in ranks]}
+                runs[variant].append(run)
+                print(f"round {rnd + 1} {variant:<12} {run['wall_s']:6.2f} s  per-rank hash GB/s "
+                      + " ".join(f"{x['hash_gb_s']:.2f}" for x in run["per_rank"] if x["hash_gb_s"]), flush=True)
+                if variant == "serial":
+                    runs["old_loop"].append({"wall_s": ranks[0]["old_loop_s"]})
+                    print(f"round {rnd + 1} {'old_loop':<12} {ranks[0]['old_loop_s']:6.2f} s", flush=True)
+        result["resident_bytes_after"] = _resident([path / n for n in files])
+
+        # ---- summary ----------------------------------------------------------------------------------------------
+        serial = statistics.median(r["wall_s"] for r in runs["serial"])
+        summary = {}
+        order = ["old_loop", "serial", *[v for v, _, _ in variants if v != "serial"]]
+        cores = {"old_loop": 1, "serial": 1}
+        for v, world, cpus in variants:
+            cores[v] = min(world, len(cpus) if cpus else len(os.sched_getaffinity(0)))
+        for v in order:
+            walls = [r["wall_s"] for r in runs[v]]
+            med = statistics.median(walls)
+            rates = [x["hash_gb_s"] for r in runs[v] for x in r.get("per_rank", []) if x["hash_gb_s"]]
+            summary[v] = {"ranks": 1 if v == "old_loop" else dict((n, w) for n, w, _ in variants)[v],
+                          "cores": cores[v], "median_s": med, "min_s": min(walls), "max_s": max(walls),
+                          "gb_s": nbytes / med / GB, "speedup_vs_serial": serial / med,
+                          "per_rank_hash_gb_s_median": statistics.median(rates) if rates else None}
+        result["runs"], result["summary"] = runs, summary
+        result["bound_on_this_host"] = min(a.ranks, len(os.sched_getaffinity(0)))
+        result["goal_3x_met"] = summary[f"dist{a.ranks}"]["speedup_vs_serial"] >= 3.0
+        result["loadavg_end"] = _loadavg()
+
+        print(f"\n{'variant':<12} {'ranks':>5} {'cores':>5} {'median s':>9} {'min-max s':>13} {'GB/s':>6} "
+              f"{'x serial':>8} {'rank GB/s':>9}")
+        for v, s in summary.items():
+            rate = f"{s['per_rank_hash_gb_s_median']:.2f}" if s["per_rank_hash_gb_s_median"] else "-"
+            print(f"{v:<12} {s['ranks']:>5} {s['cores']:>5} {s['median_s']:>9.2f} "
+                  f"{s['min_s']:>6.2f}-{s['max_s']:<6.2f} {s['gb_s']:>6.2f} {s['speedup_vs_serial']:>8.2f} {rate:>9}")
+        print(f"\n{nbytes / GB:.2f} GB, {len(files)} files; the speed-up on this host is bounded by "
+              f"min(ranks, cores) = {result['bound_on_this_host']}; 3x goal met: {result['goal_3x_met']}")
+    finally:
+        if not a.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
