@@ -249,3 +249,62 @@ def test_the_flight_recorder_shows_who_entered_which_collective(tmp_path):
     assert late["0"]["enqueued"] == 3 and late["0"]["completed"] == 3 and late["0"]["pending"] is None
     ckpt = next(g for g in waiting.values() if g["desc"] == "checkpoint")
     assert ckpt["ranks"] == [0, 1] and ckpt["enqueued"] == 0  # a member that never used the group is listed
+
+
+def _verify_split_worker(rank: int, port: int, out: str) -> None:
+    """Load with both ranks hashing a share: which files each hashed, and what was loaded."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from fault import checkpoint
+
+    os.environ["CKPT_TEST_RUN_DIR"] = out
+    hashed: list[str] = []
+    real = checkpoint.hash_confined
+
+    def counting(root, name, progress):
+        hashed.append(f"{Path(root).name}/{name}")
+        return real(root, name, progress)
+    checkpoint.hash_confined = counting
+    model, opt, mgr, state = _setup(rank, port, "sync-load")
+    sd = state()
+    loaded = mgr.load(sd)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    torch.save({"step": loaded.step, "hashed": hashed, "state": state()}, f"{out}/verified{rank}.pt")
+    mgr.close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_verification_is_split_across_ranks_and_a_corruption_any_rank_finds_falls_back_on_all(tmp_path):
+    import json
+
+    from fault.checkpoint import MANIFEST, fair_shares, newest_committed
+
+    spawn(_save_worker, (free_port(), "sync", str(tmp_path)), WORLD, timeout_s=90)  # commits step 2 only
+    ckpts = tmp_path / "checkpoints"
+    step2 = ckpts / "step_000002"
+    (step3 := ckpts / "step_000003").mkdir()  # a newer copy, corrupted in a file rank 1 verifies
+    for p in step2.iterdir():
+        (step3 / p.name).write_bytes(p.read_bytes())
+    manifest = json.loads((step3 / MANIFEST).read_text())
+    manifest["step"] = 3
+    (step3 / MANIFEST).write_text(json.dumps(manifest))
+    shares = fair_shares({n: i["bytes"] for n, i in manifest["files"].items()}, WORLD)
+    assert all(shares) and sorted(sum(shares, [])) == sorted(manifest["files"])
+    victim = step3 / shares[1][0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+
+    spawn(_verify_split_worker, (free_port(), str(tmp_path)), WORLD, timeout_s=90)
+    results = [torch.load(tmp_path / f"verified{r}.pt") for r in range(WORLD)]
+    for res in results:
+        assert res["step"] == 2  # every rank fell back to the same checkpoint
+    seen = [sorted(h.split("/", 1)[1] for h in res["hashed"] if h.startswith("step_000003/")) for res in results]
+    assert seen[0] == sorted(shares[0])  # rank 0 hashed its whole share of the corrupted checkpoint, no more
+    assert seen[1] == [victim.name]  # rank 1 found the corruption in its first file and stopped there
+    _assert_same(torch.load(tmp_path / "expected0.pt"), results[0]["state"], "rank0")
+    [fallback] = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()
+                  if '"checkpoint_fallback"' in line]
+    assert f"{victim.name} fails its sha256 check (seen by rank 1)" in fallback["reason"]
+    assert [p.name for p in newest_committed(ckpts)] == ["step_000002"]
