@@ -15,6 +15,8 @@ Event kinds (the ``kind`` field) and what they carry:
                         bytes), fenced; a straggler ratio, drift, window, windows, threshold
     checkpoint_commit   step, path, block_s (training blocked), write_s (whole save), bytes
     checkpoint_fallback skipped (path), reason, used (path or null)
+    checkpoint_failed   step (the save that committed nothing), at_step, detail; training went on
+    checkpoint_lease_takeover  dir, previous (the stale holder: job, host, pid, heartbeat)
     step_done           step (only the first completed step of each process, to time recovery)
     finish              step, steps_done
 """
