@@ -369,7 +369,11 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
               show_progress=info.is_main and s.logging.progress_bar, loader=loader, events=fault.events,
               checkpoint=fault.checkpoint, chaos=fault.chaos, watchdog=fault.watchdog, compute_timer=compute_timer,
               tp_comm=TPCommMeter() if layout.tp > 1 else NoCommMeter())
-    start(run, s)
+    try:
+        start(run, s)
+    except BaseException:
+        run.checkpoint.close()  # a job refused at resume gives the checkpoint directory back (its lease)
+        raise
     return run
 
 

@@ -488,10 +488,14 @@ class CheckpointManager:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
         self.job: JobIdentity = self._agree(lambda: job_identity(job))  # rank 0's is the job's
         self.lineage = [self.job.job]  # the jobs whose checkpoints this one may prune: itself and its ancestors
-        # The broadcast doubles as the barrier: no rank goes on before rank 0 has prepared the directory.
-        self._agree(self._prepare)
-        if self._distributed:
-            self._check_shared()
+        try:
+            # The broadcast doubles as the barrier: no rank goes on before rank 0 has prepared the directory.
+            self._agree(self._prepare)
+            if self._distributed:
+                self._check_shared()
+        except BaseException:
+            self._give_back()  # a job refused at start leaves the directory as it found it
+            raise
 
     # ---- start-up -------------------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -754,10 +758,16 @@ class CheckpointManager:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
-            if self._lease is not None:  # rank 0: this job's failed saves' leftovers go with its lease
-                for tmp in self.dir.glob(f".tmp-step_*.{self.job.tag}"):
-                    shutil.rmtree(tmp, ignore_errors=True)
-                self._lease.release()
+            self._give_back()
+
+    def _give_back(self) -> None:
+        """Rank 0: remove this job's failed saves' leftovers and release the lease (no save is in flight)."""
+        if self._lease is None:
+            return
+        for tmp in self.dir.glob(f".tmp-step_*.{self.job.tag}"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._lease.release()
+        self._lease = None
 
     # ---- load -----------------------------------------------------------------------------------------------
     def load(self, sharded: dict | Callable[[], dict], native: Callable[[Path], None] | None = None,
