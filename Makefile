@@ -17,7 +17,7 @@ bench:  ## step time, tokens/s and MFU of tiny and small (writes docs/benchmarks
 	@scripts/setup.sh
 	$(PY) -m experiments.bench_models
 
-gpu-check:  ## on a GPU machine, <= 8 min: gpu tests, Baichuan-7B-width stack table, NCCL (OUT=dir; see README)
+gpu-check:  ## on a GPU machine, inside --budget-s (480 s): gpu tests, copy/NCCL, Baichuan-7B-width stack table (OUT=dir; see README)
 	@scripts/gpu_check.sh $(OUT)
 
 clean:

@@ -66,9 +66,11 @@ def estimate_memory(model_cfg: ModelConfig, *, seq: int, micro_batch: int, kerne
     if tp > 1 or pp > 1:
         acts = _model_parallel_activations(acts, n_layers=L, tp=tp, pp=pp, sp=sequence_parallel,
                                            in_flight=in_flight)
+    # At the loss's peak, autocast's cache still holds the weight casts of recomputed regions (this rank's layers).
+    forward_peak = acts["transient"] + acts.get("autocast_cache", 0.0) / (tp * pp)
     return MemoryEstimate(states=states.as_dict(), activations=acts, grad_bytes=states.grad_bytes,
-                          transient=max(acts["transient"], _backward_working_set(model_cfg, seq * micro_batch,
-                                                                                 splitting, compute_dtype) / tp))
+                          transient=max(forward_peak, _backward_working_set(model_cfg, seq * micro_batch,
+                                                                            splitting, compute_dtype) / tp))
 
 
 def _model_parallel_activations(acts: dict[str, float], *, n_layers: int, tp: int, pp: int, sp: bool,

@@ -138,11 +138,19 @@ def activation_estimate(cfg, *, seq: int, micro_batch: int, kernels: dict[str, s
     embedding output and residual stream) are held in; 2 for an engine that trains bf16 weights (DeepSpeed bf16).
     Returns the parts and ``total``. ``transient`` is not saved: the largest temporary the loss adds on top at its
     peak (logits, their fp32 copy and gradient), part of a device's peak memory but not of the meter's count.
+    ``autocast_cache`` is not saved either: autocast's cast copies of the weights inside recomputed regions, which
+    its cache keeps alive until the forward ends (measured: 5.6 GiB at 15 layers of Baichuan-7B width under full
+    recomputation), on top at the loss's peak.
+
+    fp8 (torchao's Float8Linear for the decoder's linears, the LM head in bf16): each Float8Linear saves its input
+    in the autocast dtype and its fp32 weight, which is the parameter itself (no copy); it casts to fp8 inside its
+    matmul and makes no autocast copy of the weight (torchao 0.8-0.18 ``matmul_with_hp_or_float8_args``).
     """
     a = _COMPUTE_BYTES[compute_dtype]  # linear outputs (autocast dtype)
     r = param_bytes  # residual stream, norm outputs
     autocast = a != r  # linears then save a cast copy of their input and of their weight
-    lin_in = 1 if compute_dtype == "fp8" else a  # torchao's Float8Linear saves its input (and weight) in fp8
+    lin_in = a  # what a decoder linear saves of its input: autocast's cast (Float8Linear saves the same bf16 input)
+    fp8 = compute_dtype == "fp8"  # decoder linears are Float8Linear: no autocast weight copies, saved or cached
     bt, c, f, v, h = micro_batch * seq, cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.n_heads
     btc, btf = bt * c, bt * f
     fused_norm = kernels.get("rmsnorm", "eager") != "eager"
@@ -180,7 +188,9 @@ def activation_estimate(cfg, *, seq: int, micro_batch: int, kernels: dict[str, s
     # Autocast's weight copies, unless made inside a recomputed region (then they are made again in backward).
     mlp_recomputed = splitting.tiled_mlp or splitting.recompute_mlp or splitting.recompute_layers
     weights = (0 if splitting.recompute_layers else 4 * c * c) + (0 if mlp_recomputed else 3 * c * f)
-    parts = {"layers": cfg.n_layers * layer, "autocast_weights": cfg.n_layers * weights * lin_in if autocast else 0,
+    cached = 4 * c * c + 3 * c * f - weights  # cast inside recomputed regions: cached until the forward ends
+    parts = {"layers": cfg.n_layers * layer,
+             "autocast_weights": cfg.n_layers * weights * a if autocast and not fp8 else 0,
              # token ids and targets; RoPE's tables, saved as views of the model's buffers without autocast
              "embedding": 2 * bt * 8 + (2 * cfg.max_seq_len * (c // h) * 4
                                           if splitting.recompute_layers or not autocast else 0),
@@ -197,4 +207,5 @@ def activation_estimate(cfg, *, seq: int, micro_batch: int, kernels: dict[str, s
         parts["loss"] = inputs_of(1) + (v * c * a if autocast else 0) + bt * v * 4
         parts["transient"] = bt * v * (a if autocast else 0) + 2 * bt * v * 4  # logits, their fp32 grad
     parts["total"] = sum(v for k, v in parts.items() if k != "transient")
+    parts["autocast_cache"] = cfg.n_layers * cached * a if autocast and not fp8 else 0
     return parts
