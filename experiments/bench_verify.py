@@ -19,6 +19,9 @@ Then, with the page cache warm (every file hashed once first; ``fincore`` says h
   takes about as long as ``serial``.
 Inside every rank a ``Progress`` records the first and last hashed chunk, which gives each rank's own hash rate.
 On one host the speed-up is bounded by min(ranks, cores, the storage's parallel read rate / one stream's rate).
+The host may be shared: each timed run first waits (``--quiet-wait``) for the host's CPUs to be idle and records
+the CPU the rest of the host used meanwhile (``others_cpu_s``); medians are given over every round and over the
+clean rounds (the rest of the host under 10% of its CPUs).
 """
 from __future__ import annotations
 
