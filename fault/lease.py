@@ -31,6 +31,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fault.watchdog import _alive as pid_alive  # the watchdog's test: a zombie is not alive
+
 log = logging.getLogger(__name__)
 
 LEASE = ".lease.json"
@@ -69,13 +71,7 @@ def _alive_here(host: str, pid: int) -> bool | None:
     """Whether ``pid`` runs on this host; None when the holder is on another host (only its heartbeat tells)."""
     if host != socket.gethostname():
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 class Lease:
