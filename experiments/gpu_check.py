@@ -476,17 +476,25 @@ def main(argv: list[str] | None = None) -> dict:
         report["gemm_peak"] = {"tflops": None, "status": "error", "reason": last_line(e)}
     write_report(report, args.out)
     watch = RowWatch(report, args.out)
+    took: dict[str, float] = {}  # the longest row so far of each fusion: what its next row is expected to take
     for i, row in enumerate(rows):
         left = deadline - time.perf_counter()
-        if left <= 0:
-            report["rows"][i] = {**dataclasses.asdict(row), "status": "skipped",
-                                 "reason": f"--budget-s={args.budget_s:g} spent"}
+        expected = took.get(row.fusion, 0.0)
+        if left <= 0 or expected > left:  # a row that would end past the budget is not started; cheaper ones may
+            report["rows"][i] = {**dataclasses.asdict(row), "status": "skipped", "reason": (
+                f"--budget-s={args.budget_s:g} spent" if left <= 0 else
+                f"would not finish within --budget-s={args.budget_s:g} (a {row.fusion} row took {expected:.0f} s,"
+                f" {left:.0f} s left)")}
+            write_report(report, args.out)
             continue
         watch.start(i, left + GRACE_S)
+        t_row = time.perf_counter()
         try:
             r = run_row(width, layers, row, args, device)
         finally:
             watch.stop()
+        if r["status"] not in ("unavailable",):
+            took[row.fusion] = max(took.get(row.fusion, 0.0), time.perf_counter() - t_row)
         report["rows"][i] = r
         write_report(report, args.out)
         print(f"[gpu-check] {row.fusion:8s} {row.splitting:9s} mb {row.micro_batch}: {r['status']}"
