@@ -675,8 +675,8 @@ class CheckpointManager:
             per_rank = load_per_rank(path / f"rank{self._source_rank(manifest):05d}.pt")
             if not isinstance(per_rank, dict):
                 raise Refused("a per-rank file does not hold a dict")
-        except (Refused, OSError) as e:
-            error = str(e)
+        except Exception as e:  # noqa: BLE001 (a tampered manifest can fail anywhere; every rank must reach the wait)
+            error = str(e) if isinstance(e, Refused) else f"{type(e).__name__}: {str(e)[:300]}"
         self._wait_for_verification(path, manifest, shares)
         errors = [(r, e) for r, e in enumerate(self._gather(error)) if e is not None]
         if not errors:
@@ -691,6 +691,8 @@ class CheckpointManager:
             manifest, sizes = inspect_checkpoint(path, native_check)
         except Refused as e:
             return str(e)
+        except Exception as e:  # noqa: BLE001 (whatever a crafted file trips over is a refusal, not a crash)
+            return f"{type(e).__name__}: {str(e)[:300]}"
         self._check_compatible(path, manifest)
         files = {n: sizes[n] for n in manifest["files"]} if self.cfg.verify else {}
         return manifest, fair_shares(files, self.world_size)
@@ -720,7 +722,7 @@ class CheckpointManager:
                 native(path)
         except CheckpointException as e:  # a BaseException, raised by DCP on every rank alike
             error = _dcp_failure(e)
-        except (Refused, ValueError, RuntimeError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 (an engine's reader may fail on one rank only: the gather must see it)
             error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         errors = [(r, e) for r, e in enumerate(self._gather(error)) if e is not None]
         return f"loading failed on rank {errors[0][0]}: {errors[0][1]}" if errors else None

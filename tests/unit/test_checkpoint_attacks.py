@@ -335,3 +335,13 @@ def test_the_good_checkpoint_passes_every_check(run):
     manifest = verify_checkpoint(run["newest"])
     assert set(manifest["files"]) == set(safe_load.scan(run["newest"])) - {MANIFEST}
     assert first_bytes_item(run["newest"]).startswith("optim.")
+
+
+@pytest.mark.parametrize("field,value,reason", [("dp_of_rank", ["x"], "ValueError"),
+                                                ("world_size", "many", "TypeError"),
+                                                ("files", [], "not listed")])
+def test_a_manifest_with_nonsense_fields_is_refused_not_a_crash(run, opened, field, value, reason):
+    manifest = json.loads((run["newest"] / MANIFEST).read_text())
+    manifest[field] = value
+    (run["newest"] / MANIFEST).write_text(json.dumps(manifest))
+    assert_refused_and_fell_back(run, opened, reason)
