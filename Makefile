@@ -4,7 +4,7 @@ PY := .venv/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test bench gpu-check clean
+.PHONY: train test test-fast bench gpu-check clean
 train:  ## set up, then train the tiny model on the built-in corpus (pass Hydra overrides in ARGS="...")
 	@scripts/setup.sh
 	$(PY) -m experiments.train $(ARGS)
@@ -12,6 +12,10 @@ train:  ## set up, then train the tiny model on the built-in corpus (pass Hydra 
 test:  ## set up with test dependencies, then run the whole suite
 	@scripts/setup.sh test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast:  ## the quick lane while you work: unit tests + a distributed checkpoint smoke test (a few minutes)
+	@scripts/setup.sh test
+	$(PY) -m pytest -m "not slow" tests/unit tests/distributed/test_checkpoint_dist.py $(PYTEST_ARGS)
 
 bench:  ## step time, tokens/s and MFU of tiny and small (writes docs/benchmarks/*.json)
 	@scripts/setup.sh

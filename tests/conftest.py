@@ -23,8 +23,18 @@ def _isolated_env(tmp_path_factory):
     os.environ.update(saved)
 
 
+# The lanes: files of whole runs through the entry points (several processes, sweeps, drills) are `slow`;
+# `make test-fast` leaves them out (unit tests and a distributed smoke test, a few minutes), `make test` runs all.
+SLOW_FILES = {"test_drills.py", "test_drills_parallel.py", "test_parallel.py", "test_autotune.py", "test_sweeps.py",
+              "test_engines.py", "test_checkpoint_attacks.py", "test_launchers.py", "test_techniques.py"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu`-marked tests run where CUDA is (`make gpu-check` selects them with -m gpu) and skip elsewhere."""
+    """Whole-run integration files are `slow` (SLOW_FILES); `gpu`-marked tests run where CUDA is (`make gpu-check`
+    selects them with -m gpu) and skip elsewhere."""
+    for item in items:
+        if item.path.name in SLOW_FILES and item.path.parent.name == "integration":
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (skipped, never faked)")
