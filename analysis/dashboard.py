@@ -140,7 +140,7 @@ def sections() -> list[tuple[str, list]]:
                 nearly all exposed). pp/ keys: runs with `parallel.pp>1`. Measured = idle / step per pipeline
                 rank, averaged (idle = the step minus the rank's own stage compute). Simulated = torch's action
                 lists for the schedule list-scheduled at equal forward, input- and weight-gradient times; formula
-                = the schedule's paper form (comm/parallel/pipeline.py)."""),
+                = the schedule's paper form (comm/schedules.py)."""),
         ]),
         ("Precision and learning", [
             _line("loss scale (fp16; 1.0 without a scaler)", ["precision/loss_scale"], log_y=True),

@@ -41,7 +41,7 @@ EXTRA_KEYS: dict[str, str] = {
 # Logged every step only under pipeline parallelism (parallel.pp > 1; comm/engines/pipeline.py, engine.step()).
 PIPELINE_KEYS: dict[str, str] = {
     "pp/bubble": "measured bubble: mean over the pipeline's ranks of idle / step, idle = step - own stage compute "
-                 "(comm/parallel/pipeline.py measure_step)",
+                 "(comm/parallel/bubble.py measure_step)",
     "pp/p2p_wait_s": "mean seconds a pipeline rank spent inside the schedule's p2p waits this step",
     "pp/step_s": "the schedule step's wall time, slowest pipeline rank, from a common barrier",
     "pp/bubble_simulated": "torch's action lists for this schedule list-scheduled at T_F=T_B=T_W: the bubble the "

@@ -1,4 +1,4 @@
-"""Pipeline bubble per schedule, measured on gloo CPU ranks, against the theory (comm/parallel/pipeline.py).
+"""Pipeline bubble per schedule, measured on gloo CPU ranks, against the theory (comm/parallel/bubble.py).
 
     python -m experiments.bench_pipeline                            # runs timed:4 model:4 model:2, m = 8
     python -m experiments.bench_pipeline --runs timed:4 --steps 3 --layer-ms 20   # quicker, noisier
@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from comm.parallel import bubble as B
 from comm.parallel import pipeline as P
 
 SCHEDULE_V = {"GPipe": 1, "1F1B": 1, "Interleaved1F1B": 2, "LoopedBFS": 2, "InterleavedZeroBubble": 2,
@@ -131,11 +132,11 @@ def _run_schedule(name: str, args, group, p2p_s: float) -> dict:
     vocab, (seq, rows) = pipe.chunks[0].config.vocab_size, SHAPES[args.compute_mode]
     x = torch.randint(0, vocab, (m * rows, seq), generator=g)
     y = torch.randint(0, vocab, (m * rows, seq), generator=g)
-    timer = P.StageTimer(pipe.schedule, pipe.stages)
+    timer = B.StageTimer(pipe.schedule, pipe.stages)
     results = []
     try:
         for step in range(args.warmup + args.steps):  # the first step also infers the stages' shapes
-            res, _ = P.measure_step(lambda: pipe.step(x, y, broadcast_loss=False), timer, group)
+            res, _ = B.measure_step(lambda: pipe.step(x, y, broadcast_loss=False), timer, group)
             opt.step()
             opt.zero_grad()
             if step >= args.warmup:
@@ -145,7 +146,7 @@ def _run_schedule(name: str, args, group, p2p_s: float) -> dict:
     mine = {k: [getattr(r, k) for r in results] for k in ("bubble", "step_s", "busy_s", "wait_s", "host_s")}
     mine["host_per_action_s"] = [r.host_s / r.n_actions for r in results]
     mine["n_actions"] = [r.n_actions for r in results]
-    mine["costs"] = P.merge_costs([r.costs for r in results])
+    mine["costs"] = B.merge_costs([r.costs for r in results])
     parts: list = [None] * p
     dist.all_gather_object(parts, mine, group=group)
     return _summarise(name, p, v, m, parts, p2p_s, args.steps)
@@ -157,17 +158,17 @@ def _summarise(name: str, p: int, v: int, m: int, parts: list[dict], p2p_s: floa
     per_rank = med("bubble")
     measured = statistics.mean(per_rank)
     step_means = [statistics.mean(pt["bubble"][i] for pt in parts) for i in range(steps)]
-    costs = P.merge_costs([pt["costs"] for pt in parts])
-    actions = P.schedule_actions(name, p, v, m)
-    sim_unit = P.simulated_bubble(name, p, m, v)
-    sim_measured = P.simulate_bubble(actions, P.measured_cost(costs))["mean"]
+    costs = B.merge_costs([pt["costs"] for pt in parts])
+    actions = B.schedule_actions(name, p, v, m)
+    sim_unit = B.simulated_bubble(name, p, m, v)
+    sim_measured = B.simulate_bubble(actions, B.measured_cost(costs))["mean"]
     host = statistics.median(h for pt in parts for h in pt["host_per_action_s"])
-    sim_overhead = P.simulate_bubble(actions, P.measured_cost(costs), link_s=p2p_s, host_s=host)["mean"]
+    sim_overhead = B.simulate_bubble(actions, B.measured_cost(costs), link_s=p2p_s, host_s=host)["mean"]
     step = statistics.median(s for pt in parts for s in pt["step_s"])
     busy, wait, host_total = (statistics.mean(med(k)) for k in ("busy_s", "wait_s", "host_s"))
     return {
         "schedule": name, "pp": p, "v": v, "m": m, "source": P.schedule_traits(name).source,
-        "formula": P.bubble_formula(name, p, m, v), "simulated_unit": sim_unit,
+        "formula": B.bubble_formula(name, p, m, v), "simulated_unit": sim_unit,
         "simulated_measured": sim_measured, "simulated_with_overheads": sim_overhead,
         "measured": measured, "measured_per_rank": per_rank,
         "measured_step_means_min_max": [min(step_means), max(step_means)],
@@ -175,10 +176,10 @@ def _summarise(name: str, p: int, v: int, m: int, parts: list[dict], p2p_s: floa
         "idle_split_s": {"wait": wait, "host": host_total, "tail": step - busy - wait - host_total},
         "host_per_action_s": host,
         "chunk_forward_s_median": statistics.median(t for k, ts in costs.items() if k.startswith("F@") for t in ts),
-        "gap_vs_formula": P.relative_gap(measured, P.bubble_formula(name, p, m, v)),
-        "gap_vs_simulated_unit": P.relative_gap(measured, sim_unit),
-        "gap_vs_simulated_measured": P.relative_gap(measured, sim_measured),
-        "gap_vs_simulated_with_overheads": P.relative_gap(measured, sim_overhead),
+        "gap_vs_formula": B.relative_gap(measured, B.bubble_formula(name, p, m, v)),
+        "gap_vs_simulated_unit": B.relative_gap(measured, sim_unit),
+        "gap_vs_simulated_measured": B.relative_gap(measured, sim_measured),
+        "gap_vs_simulated_with_overheads": B.relative_gap(measured, sim_overhead),
         "explanation": _explain(measured, sim_unit, sim_overhead, host, statistics.mean(med("n_actions")), p2p_s),
         "note": NOTES.get(name, ""),
     }
@@ -187,7 +188,7 @@ def _summarise(name: str, p: int, v: int, m: int, parts: list[dict], p2p_s: floa
 def _explain(measured: float, theory: float, with_overheads: float, host_s: float, actions: float,
              p2p_s: float) -> str:
     """One sentence per schedule: within 10% of the theory, or whether the measured overheads explain the gap."""
-    gap, gap_ovh = P.relative_gap(measured, theory), P.relative_gap(measured, with_overheads)
+    gap, gap_ovh = B.relative_gap(measured, theory), B.relative_gap(measured, with_overheads)
     if gap <= 0.10:
         return f"within 10% of the theory ({gap:.1%})"
     head = (f"{gap:.0%} off the theory ({measured - theory:+.3f} of the step); the runtime's measured overheads "

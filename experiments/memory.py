@@ -110,11 +110,11 @@ def _model_parallel_activations(acts: dict[str, float], *, n_layers: int, tp: in
 
 def pipeline_in_flight(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> float:
     """Micro-batches' worth of a rank's layers whose activations the busiest pipeline rank holds at once, read off
-    torch's own schedule (comm.parallel.pipeline.peak_in_flight): GPipe m, 1F1B pp, Interleaved1F1B
+    torch's own schedule (comm.parallel.bubble.peak_in_flight): GPipe m, 1F1B pp, Interleaved1F1B
     pp(1 + (pp-1)/(pp v)) as Korthikanti et al. 2022 give it."""
     if pp <= 1:
         return 1.0
-    from comm.parallel.pipeline import peak_in_flight
+    from comm.parallel.bubble import peak_in_flight
 
     return peak_in_flight(schedule, pp, microbatches, virtual_stages)
 

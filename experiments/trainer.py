@@ -9,7 +9,6 @@ The loop never branches on config strings: every choice was made while building.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -49,7 +48,14 @@ from experiments.config import ConfigError, plain, typed
 from experiments.dist import DistInfo, dist_info
 from experiments.memory import MemoryEstimate, check_fits, estimate_memory, pipeline_in_flight
 from fault.chaos import Chaos, ChaosConfig
-from fault.checkpoint import CheckpointConfig, CheckpointManager, Loaded, SaveFailed, rng_state, set_rng_state
+from fault.checkpoint import (
+    CheckpointConfig,
+    Checkpointer,
+    CheckpointManager,
+    CheckpointParts,
+    FnState,
+    SaveFailed,
+)
 from fault.events import EventLog, restart_count
 from fault.watchdog import ComputeTimer, FaultDetected, Watchdog, WatchdogConfig, check_losses, install_stop_handler
 from systems import capabilities
@@ -108,7 +114,7 @@ class Run:
     show_progress: bool
     loader: Any  # systems.data.PackedLoader: its position is checkpointed
     events: EventLog
-    checkpoint: CheckpointManager
+    checkpoint: Checkpointer  # load() once, save(step) after each step: the engine, loader and RNG as its parts
     chaos: Chaos
     watchdog: Watchdog
     compute_timer: ComputeTimer  # forward compute, without the engine's parameter gathers (stragglers)
@@ -252,8 +258,7 @@ def pipeline_microbatches(s: Settings) -> int:
     """The schedule's microbatches per step: parallel.pp_microbatches, or the step's accumulation micro-batches
     (at least one per stage); the step's rows (micro-batch x accumulation) must split into them evenly."""
     p, t = s.parallel, s.train
-    stages = p.pp * p.pp_virtual_stages
-    m = p.pp_microbatches or max(t.grad_accum_steps, stages)
+    m = p.microbatches(t.grad_accum_steps)
     rows = t.micro_batch_size * t.grad_accum_steps
     if rows % m:
         raise ConfigError(f"parallel.pp={p.pp}: a step's {rows} rows (train.micro_batch_size={t.micro_batch_size} x "
@@ -367,7 +372,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
               meter=SavedTensorMeter(engine.module.parameters(), live=layout.pp > 1,
                                      enabled=pipe is None or pipe.knobs["schedule"] not in SPLIT_BACKWARD),
               show_progress=info.is_main and s.logging.progress_bar, loader=loader, events=fault.events,
-              checkpoint=fault.checkpoint, chaos=fault.chaos, watchdog=fault.watchdog, compute_timer=compute_timer,
+              checkpoint=Checkpointer(fault.checkpoint, checkpoint_parts(s, engine, loader, device)),
+              chaos=fault.chaos, watchdog=fault.watchdog, compute_timer=compute_timer,
               tp_comm=TPCommMeter() if layout.tp > 1 else NoCommMeter())
     try:
         start(run, s)
@@ -525,17 +531,28 @@ def checkpoint_dir(ckpt_cfg: CheckpointConfig, run_dir: Path) -> Path:
     return Path(ckpt_cfg.dir) if ckpt_cfg.dir else run_dir / "checkpoints"
 
 
+def checkpoint_parts(s: Settings, engine: Engine, loader: Any, device: torch.device) -> CheckpointParts:
+    """What a checkpoint of this run holds: the engine's sharded state (DCP) and its own small state, the data
+    position, DeepSpeed's own format where the engine has one; after a load the engine is primed (DDP's buckets
+    laid out as in a run that never stopped)."""
+    def prime() -> None:
+        example = torch.zeros(s.train.micro_batch_size, s.train.seq_len, dtype=torch.long, device=device)
+        engine.prime(example, example, lambda: s.precision.autocast(device.type))
+    return CheckpointParts(sharded=engine.sharded_state, load_sharded=engine.load_sharded_state,
+                           local={"engine": FnState(engine.local_state, engine.load_local_state), "loader": loader},
+                           native=engine.native, trust_pickle=s.checkpoint.trust_pickle, after_load=prime)
+
+
 def start(run: Run, s: Settings) -> None:
     """Resume from the newest valid checkpoint (the engine's state dict is made only if there is one; an engine with
     its own format, DeepSpeed, reads it inside the committed directory), then arm chaos on the model and the
     launcher's stop signal, and record the start."""
-    native = getattr(run.engine, "native_load", None)
-    if native is not None:  # DeepSpeed's own files: weights_only with its allow-list, or its full unpickler if trusted
-        native = functools.partial(native, trust_pickle=s.checkpoint.trust_pickle)
-    native_check = None if s.checkpoint.trust_pickle else getattr(run.engine, "native_check", None)
-    loaded = run.checkpoint.load(run.engine.sharded_state, native=native, native_check=native_check)
+    loaded = run.checkpoint.load()
     if loaded is not None:
-        resume(run, loaded.sharded, loaded)
+        run.start_step = run.step = loaded.step
+        run.resumed_from = str(loaded.path)
+        if run.info.is_main:
+            log.info("resumed from %s (step %d)", loaded.path, loaded.step)
     run.chaos.attach(run.engine.module)
     install_stop_handler(run.events, lambda: run.step, run.watchdog)
     run.environment.update(checkpoint={"mode": s.checkpoint.mode, "every": s.checkpoint.every,
@@ -546,20 +563,6 @@ def start(run: Run, s: Settings) -> None:
                         chaos=s.chaos.name, checkpoint=s.checkpoint.mode)
 
 
-def resume(run: Run, state: dict[str, Any], loaded: Loaded) -> None:
-    """Put a loaded checkpoint into the engine, the data loader and the random generators."""
-    run.engine.load_sharded_state(state)
-    run.engine.load_local_state(loaded.per_rank["engine"])
-    run.loader.load_state_dict(loaded.per_rank["loader"])
-    example = torch.zeros(run.train.micro_batch_size, run.train.seq_len, dtype=torch.long, device=run.device)
-    run.engine.prime(example, example, lambda: run.precision.autocast(run.device.type))
-    set_rng_state(loaded.per_rank["rng"])
-    run.start_step = run.step = loaded.step
-    run.resumed_from = str(loaded.path)
-    if run.info.is_main:
-        log.info("resumed from %s (step %d)", loaded.path, loaded.step)
-
-
 def save_checkpoint(run: Run, step: int) -> float | None:
     """Save when due; returns the seconds training was blocked (None when no save was due). A save that committed
     nothing (a full disk, an I/O error) is recorded and training goes on: the next save tries again, and a job that
@@ -567,13 +570,9 @@ def save_checkpoint(run: Run, step: int) -> float | None:
     if not run.checkpoint.due(step, run.train.steps):
         return None
     run.watchdog.beat(step, "checkpoint")
-    per_rank = {"step": step, "engine": run.engine.local_state(), "loader": run.loader.state_dict(),
-                "rng": rng_state()}
     t0 = time.perf_counter()
     with record_failed_save(run, step):
-        return run.checkpoint.save(step, sharded=run.engine.sharded_state(), per_rank=per_rank,
-                                   before_commit=run.chaos.before_commit(step),
-                                   native=getattr(run.engine, "native_save", None),
+        return run.checkpoint.save(step, run.train.steps, before_commit=run.chaos.before_commit(step),
                                    throttle=run.chaos.io_throttle(step))
     return time.perf_counter() - t0
 

@@ -62,6 +62,7 @@ Why each decision:
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -77,7 +78,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -768,3 +769,93 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} was written with another configuration ({'; '.join(diff)}); "
                                   f"restore those settings to resume, or {_FRESH} (resume=never alone refuses a "
                                   "dir that holds checkpoints)")
+
+
+# ---- what the training loop holds ------------------------------------------------------------------------------
+class Stateful(Protocol):
+    """torch.distributed.checkpoint.stateful.Stateful's shape: a part of the job that saves and restores itself."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state_dict: dict) -> None: ...
+
+
+@dataclass
+class FnState:
+    """A Stateful made of two functions (an engine's ``local_state`` / ``load_local_state``)."""
+    get: Callable[[], dict]
+    set: Callable[[dict], None]
+
+    def state_dict(self) -> dict:
+        return self.get()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.set(state_dict)
+
+
+class NativeFormat(Protocol):
+    """An engine's own checkpoint format (DeepSpeed's), written and read inside the directory the manager verifies
+    and commits."""
+
+    def native_save(self, path: Path) -> None: ...
+
+    def native_load(self, path: Path, trust_pickle: bool = False) -> None: ...
+
+    def native_check(self, path: Path) -> None: ...
+
+
+@dataclass
+class CheckpointParts:
+    """What a checkpoint holds, as torchtitan's checkpointer takes it: the sharded state (model and optimizer,
+    through DCP), each rank's own Stateful parts by name (``rank<N>.pt``: data position, an engine's schedule and
+    scaler), an engine's own format, and what must run once everything is back (an engine's priming step). The
+    random generators are always saved, and restored last, after anything that may draw from them."""
+    sharded: Callable[[], dict]  # the DCP state, made when needed (a fresh optimizer's state dict is not free)
+    load_sharded: Callable[[dict], None]  # put a loaded DCP state back into the model and optimizer
+    local: dict[str, Stateful]
+    native: NativeFormat | None = None
+    trust_pickle: bool = False  # the native format read with its own full unpickler (fault.checkpoint.trust_pickle)
+    after_load: Callable[[], None] | None = None
+
+
+class Checkpointer:
+    """The training loop's checkpointing: ``load()`` once at start, ``save(step)`` after every optimizer step (it
+    saves when due), ``wait()``/``close()`` at the end. The per-rank keys of a save and a resume live here only."""
+
+    def __init__(self, manager: CheckpointManager, parts: CheckpointParts):
+        self.manager, self.parts = manager, parts
+
+    def load(self) -> Loaded | None:
+        """Resume from the checkpoint the config names (None: start fresh); every part put back."""
+        p = self.parts
+        native = None if p.native is None else functools.partial(p.native.native_load, trust_pickle=p.trust_pickle)
+        check = None if p.native is None or p.trust_pickle else p.native.native_check
+        loaded = self.manager.load(p.sharded, native=native, native_check=check)
+        if loaded is None:
+            return None
+        p.load_sharded(loaded.sharded)
+        for name, part in p.local.items():
+            part.load_state_dict(loaded.per_rank[name])
+        if p.after_load is not None:
+            p.after_load()
+        set_rng_state(loaded.per_rank["rng"])
+        return loaded
+
+    def save(self, step: int, total_steps: int, *, before_commit: Callable[[], None] | None = None,
+             throttle: Callable | None = None) -> float | None:
+        """Save ``step`` when due (None otherwise); the seconds training was blocked. Raises SaveFailed."""
+        if not self.manager.due(step, total_steps):
+            return None
+        p = self.parts
+        per_rank = {"step": step, **{name: part.state_dict() for name, part in p.local.items()}, "rng": rng_state()}
+        return self.manager.save(step, sharded=p.sharded(), per_rank=per_rank, before_commit=before_commit,
+                                 native=None if p.native is None else p.native.native_save, throttle=throttle)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return self.manager.due(step, total_steps)
+
+    def wait(self) -> None:
+        self.manager.wait()
+
+    def close(self) -> None:
+        self.manager.close()

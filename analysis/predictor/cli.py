@@ -111,8 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     ap.add_argument("--pp", type=int, default=1, help="pipeline stages")
     ap.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
-    ap.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES), help="pipeline schedule")
-    ap.add_argument("--virtual-stages", type=int, default=1, help="model chunks per GPU (interleaved)")
+    ap.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES),
+                    help="pipeline schedule, the papers' name (comm/schedules.py maps torch's onto it)")
+    ap.add_argument("--virtual-stages", type=int, default=1,
+                    help="model chunks per GPU (interleaved, looped_bfs, zb_h1; zb_v and dualpipe_v run 2)")
     ap.add_argument("--search", action="store_true", help="rank the tp x pp x dp layouts that fit in memory")
     ap.add_argument("--global-batch", type=int, help="--search: sequences per step (default: 4M tokens / --seq)")
     ap.add_argument("--top", type=int, default=15, help="--search: rows to print")

@@ -5,6 +5,9 @@ SplittingConfig, systems.precision.Precision, the engine's config class named by
 AlgorithmConfig, OverlapConfig, BucketConfig, fault's CheckpointConfig), validated the same way (OmegaConf
 structured merge: an unknown key or a bad value is an error). An option it cannot model is an error that names it;
 what it deliberately does not carry over (an emulated slow link, a simulated topology) is said in the notes.
+A tp/pp run's ``parallel`` section (comm's ParallelConfig) becomes the predictor's ``Layout``
+(``layout_from_config``): torch's schedule name (``parallel.pp_schedule``) maps to the papers' through
+comm/schedules.py, the schedule table the trainer's pipeline and the predictor share.
 """
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from analysis.predictor.inputs import GPU, Cluster, ModelShape, Techniques
+from analysis.predictor.parallel import Layout
 from comm.buckets import BucketConfig
 from comm.engines import current_target
 from comm.hooks import AlgorithmConfig, OverlapConfig
+from comm.schedules import from_torch, get_schedule
 from comm.slowlink import LinkConfig
 from fault.checkpoint import CheckpointConfig
 from systems.fusion import FusionConfig
@@ -33,6 +38,8 @@ class Mapped:
 
     techniques: Techniques
     notes: list[str] = field(default_factory=list)
+    layout: Layout | None = None  # a tp/pp run's layout in the predictor's terms (schedule by comm/schedules.py)
+    grad_accum: int | None = None  # with ``layout``: m, the micro-batches each pipeline runs per step
 
 
 def typed(node: dict | None, cls: type, key: str) -> Any:
@@ -153,13 +160,44 @@ def techniques_from_config(cfg: dict) -> Mapped:
         bucket=typed(comm.get("bucket"), BucketConfig, "comm.bucket"),
         checkpoint=typed(fault.get("checkpoint"), CheckpointConfig, "fault.checkpoint"),
         link=typed(comm.get("link"), LinkConfig, "comm.link"))
-    par = cfg.get("parallel") or {}
-    if par.get("tp", 1) > 1 or par.get("pp", 1) > 1:  # the techniques map; the layout is the predictor's own flags
-        mapped.notes.append(f"this run's layout (tp={par.get('tp', 1)}, pp={par.get('pp', 1)}) is not applied here: "
-                            "the column is the data-parallel (ZeRO-2) 1024-GPU setup; predict the layout with "
-                            f"python -m analysis.predictor --tp {par.get('tp', 1)} --pp {par.get('pp', 1)}"
-                            + (" --schedule ..." if par.get("pp", 1) > 1 else ""))
+    layout = layout_from_config(cfg)
+    if layout is not None:  # the techniques map; the layout is carried beside them, for predict_layout
+        mapped = replace(mapped, layout=layout[0], grad_accum=layout[1])
+        mapped.notes.append(f"this run's layout ({layout[0].label()}) is not applied here: the column is the "
+                            "data-parallel (ZeRO-2) 1024-GPU setup; predict the layout with "
+                            f"python -m analysis.predictor --techniques megatron {layout_flags(*layout)}")
     return mapped
+
+
+def layout_from_config(cfg: dict) -> tuple[Layout, int] | None:
+    """A run's ``parallel`` section (the trainer's ParallelConfig) -> (the predictor's Layout, m micro-batches per
+    pipeline and step), or None for plain data parallelism. torch's schedule name maps to the papers' through
+    comm/schedules.py, the table both read; m is the trainer's rule (ParallelConfig.microbatches)."""
+    if not (cfg.get("parallel") or {}):
+        return None
+    from comm.parallel.mesh import ParallelConfig
+
+    par: ParallelConfig = typed(cfg["parallel"], ParallelConfig, "parallel")
+    if par.tp == 1 and par.pp == 1:
+        return None
+    sched = from_torch(par.pp_schedule) if par.pp > 1 else get_schedule("1f1b")
+    v = par.pp_virtual_stages if par.pp > 1 else 1
+    accum = int((cfg.get("train") or {}).get("grad_accum_steps", 1))
+    m = par.microbatches(accum) if par.pp > 1 else accum
+    try:
+        layout = Layout(tp=par.tp, pp=par.pp, sp=par.sequence_parallel and par.tp > 1, schedule=sched.name,
+                        virtual_stages=v)
+    except ValueError as e:
+        raise ValueError(f"parallel: {e}") from None
+    return layout, m
+
+
+def layout_flags(layout: Layout, grad_accum: int) -> str:
+    """The predictor's command-line flags for ``layout`` with ``grad_accum`` micro-batches per pipeline."""
+    flags = f"--tp {layout.tp} --pp {layout.pp}" + (" --sp" if layout.sp else "")
+    if layout.pp > 1:
+        flags += f" --schedule {layout.schedule}" + (f" --virtual-stages {layout.chunks}" if layout.chunks > 1 else "")
+    return flags + f" --grad-accum {grad_accum}"
 
 
 def model_from_config(cfg: dict) -> ModelShape:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from analysis.predictor import collectives as coll
 from analysis.predictor import pipeline as pipe
 from analysis.predictor import tensor
-from analysis.predictor.compute import Efficiencies, padded_vocab, micro_batch_terms
+from analysis.predictor.compute import Efficiencies, micro_batch_terms, padded_vocab
 from analysis.predictor.fitted import efficiencies_for
 from analysis.predictor.goodput import job_goodput
 from analysis.predictor.inputs import GB, Cluster, ModelShape, Techniques, hardware_flops_per_token
@@ -41,8 +41,8 @@ class Layout:
     tp: int = 1  # tensor-parallel ranks (NVLink when tp <= GPUs per node)
     pp: int = 1  # pipeline stages
     sp: bool = False  # sequence parallelism (Korthikanti et al. 2022): norms and residuals split over tp too
-    schedule: str = "1f1b"  # pipeline.SCHEDULES
-    virtual_stages: int = 1  # model chunks per GPU: v of the interleaved schedule (zb_v always runs 2)
+    schedule: str = "1f1b"  # pipeline.SCHEDULES (comm/schedules.py), the papers' names
+    virtual_stages: int = 1  # model chunks per GPU: v of the interleaved/looped schedules (zb_v, dualpipe_v: 2)
     scatter_gather: bool = True  # Megatron's P2P optimisation: each TP rank sends 1/tp over its own rail
 
     def __post_init__(self) -> None:
@@ -52,16 +52,16 @@ class Layout:
         sched = pipe.get_schedule(self.schedule)
         if self.sp and self.tp == 1:
             raise ValueError("sequence parallelism splits along the tensor-parallel group: it needs tp > 1")
-        if sched.chunks == "v" and self.virtual_stages < 2:
-            raise ValueError("the interleaved schedule needs virtual_stages >= 2 (v = 1 is 1f1b)")
         if sched.chunks == "one" and self.virtual_stages != 1:
-            raise ValueError(f"schedule {self.schedule} runs one chunk per GPU; virtual_stages is for interleaved")
+            raise ValueError(f"schedule {self.schedule} runs one chunk per GPU; virtual_stages is for the "
+                             "interleaved and looped schedules")
         if sched.chunks == "two" and self.virtual_stages not in (1, 2):
-            raise ValueError("zb_v runs exactly 2 chunks per GPU")
+            raise ValueError(f"{self.schedule} runs exactly 2 chunks per GPU")
 
     @property
     def chunks(self) -> int:
-        return 2 if pipe.get_schedule(self.schedule).chunks == "two" else self.virtual_stages
+        sched = pipe.get_schedule(self.schedule)
+        return sched.default_chunks() if sched.chunks == "two" else self.virtual_stages
 
     @property
     def model_parallel(self) -> int:
@@ -86,7 +86,7 @@ class Layout:
         if m.n_layers % stages:
             raise ValueError(f"pp {self.pp} x {self.chunks} chunks = {stages} does not divide {m.name}'s "
                              f"{m.n_layers} layers")
-        if self.pp > 1 and pipe.get_schedule(self.schedule).needs_m_divisible_by_p and grad_accum % self.pp:
+        if self.pp > 1 and pipe.get_schedule(self.schedule).m_divisible_by_p and grad_accum % self.pp:
             raise ValueError(f"the interleaved schedule needs the micro-batches per step ({grad_accum}) to be a "
                              f"multiple of pp {self.pp} (Megatron-LM's rule)")
         if self.model_parallel > 1 and t.engine not in ("ddp", "zero1"):

@@ -346,6 +346,11 @@ class DeepSpeedEngine:
         """Nothing to do: native_load restored the weights together with the fp32 master weights (the weights in
         DCP are a copy for readers without DeepSpeed; loading them alone would desynchronise the ZeRO master)."""
 
+    @property
+    def native(self) -> DeepSpeedEngine:
+        """DeepSpeed's own format (Engine.native): native_save, native_load, native_check below."""
+        return self
+
     def native_save(self, path: Path) -> None:
         """Write DeepSpeed's checkpoint into ``path/deepspeed`` (collective: every rank writes its partitions)."""
         self.engine.save_checkpoint(str(Path(path) / NATIVE_DIR), tag=NATIVE_TAG, save_latest=False)

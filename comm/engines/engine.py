@@ -111,8 +111,11 @@ class Engine(Protocol):
 
     def prime(self, x: torch.Tensor, y: torch.Tensor, forward_context) -> None: ...  # after a resume
 
-    # Optional: an engine with its own checkpoint format (DeepSpeed) also defines native_save(dir) and
-    # native_load(dir); fault.checkpoint runs them inside the checkpoint directory it verifies and commits.
+    # An engine with its own checkpoint format (DeepSpeed) returns an object with native_save(dir),
+    # native_load(dir, trust_pickle) and native_check(dir) (fault.checkpoint.NativeFormat); fault.checkpoint runs
+    # them inside the checkpoint directory it verifies and commits. None: DCP's state is the whole checkpoint.
+    @property
+    def native(self) -> Any | None: ...
 
 
 class TorchOptimizerEngine:
@@ -127,6 +130,7 @@ class TorchOptimizerEngine:
     scaler: torch.amp.GradScaler  # disabled unless fp16: then it passes everything through
     grad_clip: float
     skipped_steps: int
+    native = None  # no format of its own: model and optimizer travel through DCP (Engine.native)
 
     model: nn.Module  # what the loop calls: the engine's wrapper (DDP) or the module itself
     device: torch.device

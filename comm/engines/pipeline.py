@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch import nn
 
 from comm.engines.engine import TorchOptimizerEngine, average_grads, gather_rank_losses
-from comm.parallel.pipeline import Pipeline, StageTimer, bubble_summary, measure_step
+from comm.parallel.bubble import StageTimer, bubble_summary, measure_step
+from comm.parallel.pipeline import Pipeline
 from comm.parallel.tensor import clip_grad_norm_
 
 

@@ -20,6 +20,11 @@ class ParallelConfig:
     pp_microbatches: int | None = None  # microbatches per step under pp; None: the schedule's default (pp)
     pp_virtual_stages: int = 1  # model chunks per pp rank (interleaved schedules use >1)
 
+    def microbatches(self, grad_accum_steps: int) -> int:
+        """The pipeline schedule's microbatches per step: ``pp_microbatches``, or the step's accumulation
+        micro-batches, at least one per stage (pp x virtual stages)."""
+        return self.pp_microbatches or max(grad_accum_steps, self.pp * self.pp_virtual_stages)
+
     def layout(self, world_size: int, n_heads: int | None = None, n_layers: int | None = None) -> dict:
         """{"dp", "pp", "tp", "world"} with dp = world / (tp*pp); ValueError naming the numbers when it does not fit."""
         for name in ("tp", "pp", "pp_virtual_stages"):

@@ -1,4 +1,4 @@
-"""Pipeline parallelism (comm/parallel/pipeline.py): the split, the refusals and the bubble theory without
+"""Pipeline parallelism (comm/parallel/pipeline.py, bubble.py): the split, the refusals and the bubble theory without
 processes, then fp32 parity on gloo against the unsplit model trained side by side on the same global batch (the
 pipeline splits it into microbatches): losses within 1e-5 every step, every parameter's gradient gathered over the
 pipeline, the clipped global norm, parameter names and the gathered state dict.
@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from comm.parallel import bubble as B
 from comm.parallel import pipeline as P
 from tests.helpers import free_port, spawn
 
@@ -77,7 +78,7 @@ def test_accepts_what_torch_runs():
     P.check_layout("gpipe", 4, 1, 8, 1)  # case-insensitive, as torch
     P.check_layout("Interleaved1F1B", 4, 2, 8, 3)  # fewer microbatches than ranks: one round
     P.check_layout("ZBVZeroBubble", 4, 2, 8, 4)
-    assert P.schedule_traits("dualpipev").name == "DualPipeV"
+    assert P.schedule_traits("dualpipev").torch_name == "DualPipeV"
 
 
 @pytest.mark.parametrize("name,v", [("GPipe", 1), ("1F1B", 1), ("Interleaved1F1B", 2), ("Interleaved1F1B", 4),
@@ -88,34 +89,34 @@ def test_papers_formulas_equal_torchs_action_lists(name, v):
     lists give when list-scheduled: (p-1)/(m+p-1), (p-1)/(vm+p-1), ZB-H1 (p-1)/(3vm+p-1), DualPipe with F&B = F+B
     (p-1)/(3m+p-1) (its pairs' results are sent after the pair, which the simulation models)."""
     for p, m in ((2, 4), (4, 8), (4, 16)):
-        assert P.simulated_bubble(name, p, m, v) == pytest.approx(P.bubble_formula(name, p, m, v)), (p, m)
-    assert P.bubble_formula("GPipe", 4, 8) == pytest.approx(3 / 11)
-    assert P.bubble_formula("Interleaved1F1B", 4, 8, 2) == pytest.approx(3 / 19)
-    assert P.bubble_formula("InterleavedZeroBubble", 4, 8, 2) == pytest.approx(3 / 51)
-    assert P.bubble_formula("DualPipeV", 4, 8, 2) == pytest.approx(3 / 27)
+        assert B.simulated_bubble(name, p, m, v) == pytest.approx(B.bubble_formula(name, p, m, v)), (p, m)
+    assert B.bubble_formula("GPipe", 4, 8) == pytest.approx(3 / 11)
+    assert B.bubble_formula("Interleaved1F1B", 4, 8, 2) == pytest.approx(3 / 19)
+    assert B.bubble_formula("InterleavedZeroBubble", 4, 8, 2) == pytest.approx(3 / 51)
+    assert B.bubble_formula("DualPipeV", 4, 8, 2) == pytest.approx(3 / 27)
 
 
 def test_zbv_simulated_against_its_paper():
     """torch's ZB-V at equal times keeps (p-1) chunk forwards of start-up idle: 3/51 at p=4, m=8 (as interleaved
     ZB-H1), where the paper's closed form says 0; a slower forward opens more gaps, as the form says."""
-    assert P.simulated_bubble("ZBVZeroBubble", 4, 8, 2) == pytest.approx(3 / 51)
-    assert P.bubble_formula("ZBVZeroBubble", 4, 8, 2) == 0.0
-    assert P.simulated_bubble("ZBVZeroBubble", 4, 8, 2, t_f=2.0) > P.simulated_bubble("ZBVZeroBubble", 4, 8, 2)
-    assert P.bubble_formula("ZBVZeroBubble", 4, 8, 2, t_f=2.0) > 0
+    assert B.simulated_bubble("ZBVZeroBubble", 4, 8, 2) == pytest.approx(3 / 51)
+    assert B.bubble_formula("ZBVZeroBubble", 4, 8, 2) == 0.0
+    assert B.simulated_bubble("ZBVZeroBubble", 4, 8, 2, t_f=2.0) > B.simulated_bubble("ZBVZeroBubble", 4, 8, 2)
+    assert B.bubble_formula("ZBVZeroBubble", 4, 8, 2, t_f=2.0) > 0
 
 
 def test_held_sends_delay_the_next_rank():
     """An overlapped pair's first result leaves with the second: the downstream forward waits for both."""
     acts = {0: [("F", 0, 0, True), ("F", 0, 1)], 1: [("F", 1, 0), ("F", 1, 1)]}
     cost = lambda s, k: 1.0  # noqa: E731
-    assert P.simulate_bubble(acts, cost)["span"] == 4.0  # stage 1 starts at 2, not 1
-    assert P.simulate_bubble({0: [("F", 0, 0), ("F", 0, 1)], 1: acts[1]}, cost)["span"] == 3.0
+    assert B.simulate_bubble(acts, cost)["span"] == 4.0  # stage 1 starts at 2, not 1
+    assert B.simulate_bubble({0: [("F", 0, 0), ("F", 0, 1)], 1: acts[1]}, cost)["span"] == 3.0
 
 
 def test_simulation_refuses_a_deadlock():
     bad = {0: [("F", 0, 0), ("B", 0, 0)], 1: [("B", 1, 0), ("F", 1, 0)]}  # stage 1 backward before its forward
     with pytest.raises(RuntimeError, match="deadlocks"):
-        P.simulate_bubble(bad, P.unit_cost(1))
+        B.simulate_bubble(bad, B.unit_cost(1))
 
 # ---------------------------------------------------------------- gloo workers
 
@@ -223,9 +224,9 @@ def _worker_pp4(rank: int, world: int, port: int) -> None:
 def _measured_bubble_is_consistent(pipe: P.Pipeline) -> None:
     """A measured step: busy within the step, every compute call of this rank timed, and the simulation from the
     measured costs runs on torch's action list (no claim about the value: 4 ranks share 2 CPUs here)."""
-    timer = P.StageTimer(pipe.schedule, pipe.stages)
+    timer = B.StageTimer(pipe.schedule, pipe.stages)
     x, y = _batch(0, 64)
-    res, loss = P.measure_step(lambda: pipe.step(x, y), timer, pipe.group)
+    res, loss = B.measure_step(lambda: pipe.step(x, y), timer, pipe.group)
     assert 0 < res.busy_s <= res.span_s <= res.step_s and 0 <= res.bubble < 1, res
     m, v = pipe.knobs["n_microbatches"], pipe.knobs["virtual_stages"]
     kinds = {k.split("@")[0] for k in res.costs}
@@ -233,7 +234,7 @@ def _measured_bubble_is_consistent(pipe: P.Pipeline) -> None:
     assert sum(len(t) for k, t in res.costs.items() if k[0] == "F") == m * v
     parts: list = [None] * dist.get_world_size(pipe.group)
     dist.all_gather_object(parts, res.costs, group=pipe.group)
-    sim = P.simulate_bubble(P.schedule_actions("DualPipeV", len(parts), v, m), P.measured_cost(P.merge_costs(parts)))
+    sim = B.simulate_bubble(B.schedule_actions("DualPipeV", len(parts), v, m), B.measured_cost(B.merge_costs(parts)))
     assert 0 <= sim["mean"] < 1 and len(sim["per_rank"]) == len(parts)
     assert torch.isfinite(loss)
 

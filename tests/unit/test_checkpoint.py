@@ -445,3 +445,56 @@ def test_a_failed_local_write_commits_nothing_and_names_the_rank(tmp_path, monke
     monkeypatch.undo()
     mgr.save(3, sharded=state(model, opt), per_rank={"step": 3})  # the next save goes through
     assert [p.name for p in newest_committed(mgr.dir)] == ["step_000003", "step_000001"]
+
+
+# ---- the loop's Checkpointer: Stateful parts ----------------------------------------------------------------------
+class _Position:
+    """A data loader's stand-in: a position it saves and restores (torch's Stateful shape)."""
+
+    def __init__(self, at: int = 0):
+        self.at = at
+
+    def state_dict(self) -> dict:
+        return {"at": self.at}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.at = state_dict["at"]
+
+
+def _parts(model, opt, sched, position, primed: list):
+    from fault.checkpoint import CheckpointParts, FnState
+
+    def load_sharded(sd):
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+    def prime():  # draws from the generators, as an engine's priming step may: the RNG must be restored after it
+        primed.append(torch.rand(1).item())
+    return CheckpointParts(sharded=lambda: state(model, opt), load_sharded=load_sharded,
+                           local={"engine": FnState(sched.state_dict, sched.load_state_dict), "loader": position},
+                           after_load=prime)
+
+
+def test_the_checkpointer_saves_when_due_and_puts_every_part_back_rng_last(tmp_path):
+    from fault.checkpoint import Checkpointer
+
+    model, opt, sched = build()
+    position, primed = _Position(), []
+    ckpt = Checkpointer(manager(tmp_path, every=2), _parts(model, opt, sched, position, primed))
+    blocked = []
+    for step in (1, 2, 3):
+        train_step(model, opt, sched)
+        position.at = 10 * step
+        blocked.append(ckpt.save(step, total_steps=3))
+        if step == 2:
+            expected = {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "rng": torch.get_rng_state(),
+                        "lr": sched.get_last_lr()}
+    ckpt.close()
+    assert blocked[0] is None and blocked[1] is not None and blocked[2] is not None  # step 3 is the last: saved
+    model2, opt2, sched2 = build(seed=7)
+    position2, primed2 = _Position(), []
+    loaded = Checkpointer(manager(tmp_path, resume=str(tmp_path / "checkpoints" / "step_000002")),
+                          _parts(model2, opt2, sched2, position2, primed2)).load()
+    assert loaded.step == 2 and position2.at == 20 and sched2.get_last_lr() == expected["lr"] and len(primed2) == 1
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, expected["weights"][k])
+    assert torch.equal(torch.get_rng_state(), expected["rng"])  # restored after the priming step drew from it
