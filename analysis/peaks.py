@@ -101,7 +101,7 @@ class Peak:
     flops: float | None  # FLOP/s per device; None = unknown (MFU is then null)
     device: str  # what the peak describes, e.g. 'NVIDIA A800-SXM4-80GB' or the CPU model
     dtype: str
-    source: str  # 'table:<key>', 'measured', 'cached measurement', 'override' or 'unknown'
+    source: str  # "table:<key>", "measured" (+ " (host busy: not cached)"), "cached measurement", "override", "unknown"
     method: str  # one line a person can read
 
 
@@ -178,16 +178,48 @@ def calibrate_cpu_peak(dtype: str, cache_dir: str | Path, *, refresh: bool = Fal
     if key in cache and not refresh:
         entry = cache[key]
         return Peak(entry["flops"], cpu_name(), dtype, "cached measurement", entry["method"])
-    t0 = time.perf_counter()
+    t0, host0, own0 = time.perf_counter(), host_cpu_s(), time.process_time()
     best, rates = measure_gemm_flops(dtype)
+    wall = time.perf_counter() - t0
+    busy = others_share(host0, own0, wall)
     per_layout = "; ".join(f"{layout} " + ", ".join(f"{n}: {r / 1e9:.1f}" for n, r in by_size.items())
                            for layout, by_size in rates.items())
     method = (f"CPU GEMM calibration: best of repeated square {dtype} matmuls in layouts NN/NT/TN with {threads} "
               f"threads (GFLOP/s by layout and size: {per_layout}), torch {torch.__version__}, measured "
-              f"{time.strftime('%Y-%m-%d')} in {time.perf_counter() - t0:.1f}s")
+              f"{time.strftime('%Y-%m-%d')} in {wall:.1f}s")
+    if busy is not None and busy > BUSY_HOST_SHARE:
+        # A peak measured while other processes held the cores is too low, and every later MFU on this machine
+        # would read too high (seen: 86 GFLOP/s cached under load on a host that reaches ~190, then MFU 104%).
+        log.warning("CPU peak calibration ran while other processes used %.0f%% of this host's CPU: the measured "
+                    "%.1f GFLOP/s is used for this run only (MFU may read high) and measured again next time",
+                    100 * busy, best / 1e9)
+        return Peak(best, cpu_name(), dtype, "measured (host busy: not cached)",
+                    f"{method}; {100 * busy:.0f}% of the host's CPU went to other processes meanwhile")
     cache[key] = {"flops": best, "method": method, "cpu": cpu_name(), "threads": threads, "dtype": dtype}
     _write_json_atomic(path, cache)
     return Peak(best, cpu_name(), dtype, "measured", method)
+
+
+BUSY_HOST_SHARE = 0.25  # of the host's CPU taken by other processes during a calibration: above it, not cached
+
+
+def host_cpu_s() -> float | None:
+    """CPU seconds every process on this host has used since boot (/proc/stat: user, nice, system, irq, softirq,
+    steal); None where there is no /proc."""
+    try:
+        jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(jiffies[:3]) + sum(jiffies[5:8])) / os.sysconf("SC_CLK_TCK")
+
+
+def others_share(host0: float | None, own0: float, wall_s: float) -> float | None:
+    """The share of this host's CPU that other processes used since (host0, own0), over wall_s seconds."""
+    host1 = host_cpu_s()
+    if host0 is None or host1 is None or wall_s <= 0:
+        return None
+    others = (host1 - host0) - (time.process_time() - own0)
+    return max(0.0, others) / (wall_s * (os.cpu_count() or 1))
 
 
 def gpu_peak(device_name: str, dtype: str) -> Peak:

@@ -147,11 +147,13 @@ def measure_peak(hw: HardwareConfig, device: torch.device, dtype: str, info: Dis
                     "hardware.peak_tflops set by the user")
     if device.type == "cuda":
         return gpu_peak(torch.cuda.get_device_name(device), dtype)
-    # Rank 0 measures alone (others would compete for the cores); the rest then read its cached figure.
-    peak = calibrate_cpu_peak(dtype, resolve_cache_dir(hw.cache_dir), refresh=hw.recalibrate) if info.is_main else None
+    # Rank 0 measures alone (others would compete for the cores) and hands its figure to the rest: a figure it
+    # did not cache (measured on a busy host) must not be measured again by every rank at once.
+    box = [calibrate_cpu_peak(dtype, resolve_cache_dir(hw.cache_dir), refresh=hw.recalibrate) if info.is_main
+           else None]
     if info.world_size > 1:
-        dist.barrier()
-    return peak or calibrate_cpu_peak(dtype, resolve_cache_dir(hw.cache_dir))
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _device_name(device: torch.device) -> str:

@@ -2,13 +2,14 @@ import json
 import logging
 import math
 import re
+import time
 
 import pytest
 
+from analysis import peaks
 from analysis.metrics import MetricsProcessor
 from analysis.peaks import calibrate_cpu_peak, device_key, gpu_peak, measure_gemm_flops, table_peak_flops
 from analysis.sinks import JsonlSink
-
 
 NAME_KEYS = [
     ("NVIDIA A800-SXM4-80GB", "a800"), ("NVIDIA A100-SXM4-40GB", "a100"), ("NVIDIA A100-PCIE-40GB", "a100"),
@@ -104,7 +105,8 @@ def test_unknown_gpu_gives_null_peak_and_a_warning(caplog):
     assert row["perf/mfu/palm"] is None and row["perf/tflops/palm"] == pytest.approx(2000 * 1e6 / 1e12)
 
 
-def test_cpu_calibration_is_measured_then_cached(tmp_path):
+def test_cpu_calibration_is_measured_then_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(peaks, "others_share", lambda *a: 0.0)  # a quiet host, whatever else runs beside the suite
     first = calibrate_cpu_peak("fp32", tmp_path)
     assert first.source == "measured" and first.flops > 1e9  # any CPU does > 1 GFLOP/s in fp32 GEMM
     assert "GEMM calibration" in first.method and "threads" in first.method
@@ -156,3 +158,21 @@ def test_mfu_above_100_percent_warns_once(caplog):
         for step in (1, 2):
             m.step(step, loss=1.0, lr=1e-3, grad_norm=1.0, step_s=1.0, mem_peak_bytes=0)
     assert caplog.text.count("exceeds 100%") == 1
+
+
+def test_a_calibration_on_a_busy_host_is_used_once_and_not_cached(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(peaks, "others_share", lambda *a: 0.6)  # other processes held 60% of the CPU meanwhile
+    peak = calibrate_cpu_peak("fp32", tmp_path)
+    assert peak.flops > 1e9 and peak.source == "measured (host busy: not cached)" and "60%" in peak.method
+    assert not (tmp_path / "cpu_peak.json").exists() and "used for this run only" in caplog.text
+
+
+def test_the_host_share_of_other_processes_counts_what_they_ran():
+    import subprocess
+    import sys
+
+    host0, own0, t0 = peaks.host_cpu_s(), time.process_time(), time.perf_counter()
+    burn = subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                           "while time.process_time() - t < 0.5: pass"], check=True, timeout=60)
+    share = peaks.others_share(host0, own0, time.perf_counter() - t0)
+    assert burn.returncode == 0 and share is not None and share > 0.05  # another process's 0.5 CPU-seconds seen
