@@ -115,12 +115,12 @@ def load_model(run: RunCheckpoint) -> torch.nn.Module:
     state = get_model_state_dict(model)
     # A partial load: DCP reads only the "model" entries; the checkpoint's "optim" entries stay on disk. Only the
     # files _verify hashed are opened, bytes items are read weights_only, a weight stored as an object is refused.
-    allowed = set(json.loads(safe_load.read_manifest(run.checkpoint))["files"])
+    verified = safe_load.listed_sizes(json.loads(safe_load.read_manifest(run.checkpoint)))
     with warnings.catch_warnings():  # DCP warns that there is no process group; one process is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         try:
-            safe_load.load({"model": state}, run.checkpoint, allowed=allowed, no_dist=True)
-        except (CheckpointException, safe_load.Refused, RuntimeError, ValueError) as e:  # CheckpointException: a
+            safe_load.load({"model": state}, run.checkpoint, verified=verified, no_dist=True)
+        except (CheckpointException, RuntimeError, ValueError) as e:  # Refused is a ValueError  # CheckpointException: a
             raise QualityError(f"checkpoint {run.checkpoint} is refused ({str(e).splitlines()[0][:300]}); pick "
                                "another one with --step") from None  # BaseException, raised by DCP's load
     set_model_state_dict(model, state)

@@ -88,7 +88,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from fault import safe_load
 from fault.checkpoint_io import (  # noqa: F401 (file_sha256, SaveIO, _HashingStream: for tests and tools)
-    CHUNK,
     SaveIO,
     _fsync_dir,
     _fsync_tree,
@@ -99,9 +98,9 @@ from fault.checkpoint_io import (  # noqa: F401 (file_sha256, SaveIO, _HashingSt
     hash_confined,
 )
 from fault.events import EventLog
-from fault.lease import JobIdentity, Lease, LeaseHeld, job_identity
+from fault.lease import JobIdentity, Lease, LeaseHeld, job_identity, job_tag
 from fault.progress import Progress
-from fault.safe_load import MANIFEST, Refused, SafeReader  # noqa: F401 (SafeReader: for readers of checkpoints)
+from fault.safe_load import MANIFEST, Refused
 
 log = logging.getLogger(__name__)
 # DCP warns on every save/load without a process group, even when no_dist=True says that is the intent; one
@@ -250,7 +249,7 @@ def load_per_rank(path: Path) -> dict:
     resumed. Refused (fault.safe_load.Refused) otherwise."""
     try:
         with safe_load.open_confined(path.parent, path.name) as f:
-            return torch.load(io.BytesIO(f.read()), weights_only=True)
+            return torch.load(f, weights_only=True)
     except OSError as e:
         raise Refused(f"{path.name} cannot be read ({e.strerror or e})") from None
     except Exception as e:  # noqa: BLE001 (UnpicklingError, or torch's RuntimeError on a malformed archive)
@@ -354,7 +353,7 @@ class CheckpointManager:
                 self.events.emit("checkpoint_lease_takeover", dir=str(d), previous=gone)
         # Only this job's leftovers, and those of a job whose stale lease it took over: another live job's save in
         # progress is never removed. Untagged names come from chuanliu before leases (no job wrote them since).
-        tags = {self.job.tag} | ({JobIdentity(str(gone.get("job")), "", 0, False, "").tag} if gone else set())
+        tags = {self.job.tag} | ({job_tag(str(gone.get("job")))} if gone else set())
         for stale in sorted(d.glob(".tmp-step_*")):
             tag = stale.name.partition(".")[2].partition(".")[2]  # .tmp-step_000010.<tag>
             if tag in tags or not tag:
@@ -629,8 +628,8 @@ class CheckpointManager:
                 reason = self._load_into(path, state, manifest, native)
             if reason is None:
                 self._agree(lambda used=path: self._report_fallbacks(skipped, used=used))
-                self.lineage = [*[j for j in manifest.get("lineage", [manifest.get("job")]) if j],
-                                self.job.job]
+                ancestors = [j for j in manifest.get("lineage", [manifest.get("job")]) if j]
+                self.lineage = list(dict.fromkeys([*ancestors, self.job.job]))  # a restart is not a new ancestor
                 return Loaded(step=int(manifest["step"]), path=path, per_rank=per_rank, sharded=state)
             self._agree(lambda p=path, why=reason: self._set_aside(p, why, fallback))
             skipped.append((path, reason))
@@ -717,7 +716,7 @@ class CheckpointManager:
         """DCP's load (and the engine's own) of a verified checkpoint; why it failed (the same on every rank)."""
         error = None
         try:
-            safe_load.load(state, path, allowed=set(manifest["files"]), process_group=self._group,
+            safe_load.load(state, path, verified=safe_load.listed_sizes(manifest), process_group=self._group,
                            no_dist=not self._distributed)
             if native is not None:
                 native(path)

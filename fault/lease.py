@@ -48,13 +48,16 @@ class JobIdentity:
     job: str  # the launcher's job id, or host-pid-start of rank 0 when there is none
     host: str
     pid: int
-    launcher_id: bool  # whether ``job`` came from a launcher (so a restart of the job carries the same one)
     token: str  # this holder's own token (a restart of the same job gets a new one)
 
     @property
     def tag(self) -> str:
-        """``job`` as a file-name component (the job's temporary checkpoint directories carry it)."""
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.job)[:64]
+        return job_tag(self.job)
+
+
+def job_tag(job: str) -> str:
+    """A job id as a file-name component (the job's temporary checkpoint directories carry it)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", job)[:64]
 
 
 def job_identity(job: str | None = None) -> JobIdentity:
@@ -64,7 +67,7 @@ def job_identity(job: str | None = None) -> JobIdentity:
     found = job or next((v for k in ("CHUANLIU_JOB_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
                          if (v := os.environ.get(k)) and v.lower() != "none"), None)
     ident = found if found else f"{host}-{pid}-{int(_PROCESS_START)}"
-    return JobIdentity(job=ident, host=host, pid=pid, launcher_id=bool(found), token=uuid.uuid4().hex)
+    return JobIdentity(job=ident, host=host, pid=pid, token=uuid.uuid4().hex)
 
 
 def _alive_here(host: str, pid: int) -> bool | None:

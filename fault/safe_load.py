@@ -252,18 +252,18 @@ class _ConfinedFS(FileSystem):
 
 class SafeReader(dcp.FileSystemReader):
     """DCP's reader for an untrusted directory: ``.metadata`` through the allow-list and checked against the files,
-    and only ``allowed`` files (the verified ones; None: any plain file of the tree) opened."""
+    and only ``verified`` files opened (name -> bytes, as ``check_tree`` held them against the disk; None: every
+    plain file of the tree, walked here)."""
 
-    def __init__(self, path: str | os.PathLike, allowed: set[str] | None = None):
+    def __init__(self, path: str | os.PathLike, verified: dict[str, int] | None = None):
         super().__init__(path)
-        self.fs = _ConfinedFS(Path(path), allowed)
+        self.verified = verified
+        self.fs = _ConfinedFS(Path(path), None if verified is None else set(verified))
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         root = Path(self.path)
         metadata = read_metadata(root)
-        sizes = scan(root) if self.fs.allowed is None else {
-            n: s for n, s in scan(root).items() if n in self.fs.allowed}
-        check_metadata(metadata, sizes)
+        check_metadata(metadata, scan(root) if self.verified is None else self.verified)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -300,9 +300,15 @@ def _is_tensor(obj: Any) -> bool:
     return isinstance(obj, torch.Tensor) or type(obj).__name__ in ("ShardedTensor", "DTensor")
 
 
-def load(state: dict, root: Path, *, allowed: set[str] | None = None, allow_partial_load: bool = False,
+def listed_sizes(manifest: dict) -> dict[str, int]:
+    """A verified manifest's files and their sizes: what SafeReader may open."""
+    return {name: info["bytes"] for name, info in manifest["files"].items()}
+
+
+def load(state: dict, root: Path, *, verified: dict[str, int] | None = None, allow_partial_load: bool = False,
          **kwargs: Any) -> None:
-    """``dcp.load`` of ``root`` into ``state`` (in place) through SafeReader and SafePlanner; ``kwargs``: dcp.load's
+    """``dcp.load`` of ``root`` into ``state`` (in place) through SafeReader and SafePlanner; ``verified``: the
+    files already checked (``listed_sizes``), so no rank walks the tree again; ``kwargs``: dcp.load's
     (process_group, no_dist)."""
-    dcp.load(state, storage_reader=SafeReader(root, allowed),
+    dcp.load(state, storage_reader=SafeReader(root, verified),
              planner=SafePlanner(allow_partial_load=allow_partial_load), **kwargs)

@@ -149,7 +149,6 @@ def activation_estimate(cfg, *, seq: int, micro_batch: int, kernels: dict[str, s
     a = _COMPUTE_BYTES[compute_dtype]  # linear outputs (autocast dtype)
     r = param_bytes  # residual stream, norm outputs
     autocast = a != r  # linears then save a cast copy of their input and of their weight
-    lin_in = a  # what a decoder linear saves of its input: autocast's cast (Float8Linear saves the same bf16 input)
     fp8 = compute_dtype == "fp8"  # decoder linears are Float8Linear: no autocast weight copies, saved or cached
     bt, c, f, v, h = micro_batch * seq, cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.n_heads
     btc, btf = bt * c, bt * f
@@ -163,7 +162,7 @@ def activation_estimate(cfg, *, seq: int, micro_batch: int, kernels: dict[str, s
         return btc * 4 + bt * 4 + btc * r  # fp32 input, 1/rms, the normalised x (y = weight * x saves x)
 
     def inputs_of(linears: int) -> float:  # what the consuming linears save of a norm's output y (bt x c)
-        return linears * btc * lin_in if autocast else btc * r
+        return linears * btc * a if autocast else btc * r  # Float8Linear saves the same bf16 input
 
     layer = 2 * norm()
     # Attention: W_pack's input, then q and k after RoPE (2 btc) and v, a view of the (b, t, 3c) W_pack output.
@@ -184,7 +183,7 @@ def activation_estimate(cfg, *, seq: int, micro_batch: int, kernels: dict[str, s
         if splitting.tiled_mlp or splitting.recompute_mlp:
             layer += btc * r
         else:
-            layer += inputs_of(2) + (3 if fused_act else 4) * btf * a - (btf * (a - lin_in))  # down saves its input
+            layer += inputs_of(2) + (3 if fused_act else 4) * btf * a  # down saves its input
     # Autocast's weight copies, unless made inside a recomputed region (then they are made again in backward).
     mlp_recomputed = splitting.tiled_mlp or splitting.recompute_mlp or splitting.recompute_layers
     weights = (0 if splitting.recompute_layers else 4 * c * c) + (0 if mlp_recomputed else 3 * c * f)
